@@ -1,0 +1,1 @@
+"""Beeline gateway: WebSocket connections, presence registration, the node-stream consumer, delivery."""

@@ -1,0 +1,37 @@
+"""``beeline gateway``: load config, configure logs, run the app."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from gateway.app import create_app
+from shared.config import GatewayConfig, load, parse_args
+from shared.errors import ConfigError
+from shared.logs import configure_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = load(GatewayConfig, os.environ, parse_args(GatewayConfig, argv))
+    except ConfigError as e:
+        print(f"beeline gateway: {e}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.log_level, cfg.log_format, service="gateway", node_id=cfg.node_id)
+    web.run_app(
+        create_app(cfg),
+        host=cfg.host,
+        port=cfg.port,
+        access_log=None,
+        print=None,
+        shutdown_timeout=cfg.shutdown_timeout_s,
+        handle_signals=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

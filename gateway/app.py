@@ -1,0 +1,456 @@
+"""The gateway service: accepts WebSockets, registers presence, delivers messages.
+
+``Gateway`` owns every background task and Redis pool; ``create_app`` wires it into aiohttp with a
+``cleanup_ctx`` (start on startup, stop on cleanup) and ``on_shutdown`` for the drain.
+
+Shutdown order (SIGTERM, aiohttp's sequence, centrifuge ``Node.Shutdown``):
+1. mark draining: ``/readyz`` fails, new upgrades get 503, the node leaves the registry so no sender
+   pushes here any more;
+2. remove this node's presence entries, then close every socket with 1012 (service restart), spread
+   over ``drain_window_s`` so that clients do not all reconnect to one node at the same instant;
+3. stop the heartbeat and the inbound reader;
+4. close the Redis pools.
+``stop()`` is idempotent. The whole sequence is bounded by ``shutdown_timeout_s``; Kubernetes'
+``terminationGracePeriodSeconds`` must be larger (see README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Final
+
+from aiohttp import WSMsgType, web
+from prometheus_client import CollectorRegistry
+
+from gateway.connection import Connection
+from gateway.heartbeat import Heartbeat
+from gateway.hub import ConnectionHub
+from gateway.stream_reader import BroadcastReader, InboundReader, NodeStreamReader
+from shared.auth import Identity, TokenVerifier, bearer
+from shared.config import GatewayConfig
+from shared.delivery import create_delivery
+from shared.envelope import Envelope
+from shared.errors import AuthError, InvalidRequest, StoreUnavailable
+from shared.keys import Keys
+from shared.logs import get_logger
+from shared.mailbox import Mailbox
+from shared.metrics import CONTENT_TYPE_LATEST, Metrics
+from shared.nodes import NodeInfo, NodeRegistry
+from shared.presence import RedisPresenceDirectory
+from shared.protocol import SUBPROTOCOLS, CloseCode, ErrorCode, codec_for, error_frame, parse_send
+from shared.redis import RedisClient, create_redis, describe_target
+from shared.routing import Message, Sender
+
+log = get_logger("beeline.gateway")
+
+
+class Gateway:
+    """One gateway node: Redis pools, presence, heartbeat, inbound reader, local connections."""
+
+    def __init__(self, cfg: GatewayConfig, *, registry: CollectorRegistry | None = None) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node_id
+        self.metrics = Metrics(registry or CollectorRegistry(), service="gateway", node=cfg.node_id)
+        self.hub = ConnectionHub(self.metrics)
+        self.verifier = TokenVerifier(secret=cfg.jwt_secret, public_key=cfg.jwt_public_key)
+        self.keys = Keys(cfg.key_prefix)
+        self.draining = False
+        self._stopped = False
+        self._started_at = time.monotonic()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._handlers: set[asyncio.Task[object]] = set()
+        self._recover_lock = asyncio.Lock()
+        self._conn_counter = 0
+        self._redis: RedisClient | None = None
+        self._blocking: RedisClient | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.cfg
+        guard = self.metrics.redis_op
+        self._redis = redis = create_redis(cfg)
+        self._blocking = blocking = create_redis(cfg, blocking_read_ms=cfg.stream_block_ms, max_connections=4)
+        self.mailbox = Mailbox(redis, self.keys, max_len=cfg.mailbox_max, ttl_s=cfg.mailbox_ttl_s, guard=guard)
+        self.presence = RedisPresenceDirectory(redis, self.keys, guard=guard)
+        self.registry = NodeRegistry(
+            redis, self.keys, dead_after_s=cfg.node_dead_after_s, key_ttl_s=cfg.node_key_ttl_s, guard=guard
+        )
+        delivery = create_delivery(cfg.routing, redis, self.keys, stream_maxlen=cfg.stream_maxlen, guard=guard)
+        self.sender = Sender(
+            self.mailbox,
+            self.registry,
+            delivery,
+            max_payload_bytes=cfg.max_payload_bytes,
+            local_node=self.node_id,
+            local_handoff=self.hub.handoff,
+        )
+        self.reader: InboundReader
+        if cfg.routing == "broadcast":
+            self.reader = BroadcastReader(
+                blocking_redis=blocking, keys=self.keys, node_id=self.node_id, hub=self.hub, block_ms=cfg.stream_block_ms
+            )
+        else:
+            self.reader = NodeStreamReader(
+                redis=redis,
+                blocking_redis=blocking,
+                keys=self.keys,
+                node_id=self.node_id,
+                hub=self.hub,
+                metrics=self.metrics,
+                batch=cfg.stream_batch,
+                block_ms=cfg.stream_block_ms,
+                on_stream_lost=self.recover,
+            )
+        self.heartbeat = Heartbeat(
+            registry=self.registry,
+            presence=self.presence,
+            node_id=self.node_id,
+            interval_s=cfg.heartbeat_interval_s,
+            info=self._node_info,
+            on_lost=self.recover,
+        )
+        async with self.metrics.redis_op("node_start"):
+            # A previous incarnation with this node id (a restarted pod) may have left entries behind.
+            await self.presence.reap(self.node_id)
+            await self.reader.prepare()
+        await self.heartbeat.beat(initial=True)
+        self._tasks = [
+            asyncio.create_task(self.heartbeat.run(), name="heartbeat"),
+            asyncio.create_task(self._supervise(self.reader.run, "inbound-reader"), name="inbound-reader"),
+        ]
+        log.info(
+            "gateway_started", node_id=self.node_id, routing=cfg.routing, redis=describe_target(cfg), port=cfg.port
+        )
+
+    async def _supervise(self, body: object, name: str) -> None:
+        # The reader handles Redis outages itself; anything else is a bug: log it and restart the loop
+        # after a pause rather than leave a node that accepts sockets but delivers nothing.
+        run = body  # a bound coroutine function
+        while True:
+            try:
+                await run()  # type: ignore[operator]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("task_crashed", node_id=self.node_id, task=name)
+                await asyncio.sleep(1.0)
+
+    async def _node_info(self) -> NodeInfo:
+        lag = 0
+        with contextlib.suppress(Exception):
+            lag = await self.reader.lag()
+        self.metrics.stream_lag.labels(self.node_id).set(lag)
+        return NodeInfo(node_id=self.node_id, connections=len(self.hub), stream_lag=lag, draining=self.draining)
+
+    async def recover(self) -> None:
+        """Re-registers every local connection and resyncs each from its mailbox (Redis lost state)."""
+        async with self._recover_lock:
+            counts = self.hub.counts()
+            await self.presence.restore(self.node_id, counts)
+            for conn in list(self.hub.connections()):
+                try:
+                    state = await self.mailbox.open(conn.user_id)
+                except StoreUnavailable:
+                    return
+                conn.resync(state)
+            log.info("node_recovered", node_id=self.node_id, users=len(counts), connections=len(self.hub))
+
+    async def drain(self) -> None:
+        """Steps 1-2 of the shutdown order; safe to call more than once."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("gateway_draining", node_id=self.node_id, connections=len(self.hub))
+        with contextlib.suppress(StoreUnavailable):
+            async with self.metrics.redis_op("node_leave"):
+                await self.registry.leave(self.node_id)
+            await self.presence.reap(self.node_id)
+        conns = list(self.hub.connections())
+        window = self.cfg.drain_window_s
+
+        async def close_later(conn: Connection) -> None:
+            await asyncio.sleep(random.uniform(0, window) if window > 0 else 0)
+            await conn.flush_and_close(CloseCode.SERVICE_RESTART, timeout_s=1.0)
+
+        await asyncio.gather(*(close_later(c) for c in conns), return_exceptions=True)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            await asyncio.wait_for(self.drain(), timeout=self.cfg.shutdown_timeout_s)
+        except TimeoutError:
+            log.warning("drain_timed_out", node_id=self.node_id)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=2.0)
+        for client in (self._blocking, self._redis):
+            if client is not None:
+                await client.aclose()
+        log.info("gateway_stopped", node_id=self.node_id)
+
+    # -- connections -------------------------------------------------------------------------------
+    def authenticate(self, request: web.Request) -> Identity:
+        token = bearer(request.headers.get("Authorization")) or request.query.get("token")
+        if not token:
+            raise AuthError("missing token")
+        return self.verifier.verify(token)
+
+    def next_conn_id(self) -> str:
+        self._conn_counter += 1
+        return f"{self.node_id}-{os.getpid():x}-{self._conn_counter:x}"
+
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        """``GET /ws``: authenticate, upgrade, register, catch up, then read frames until close."""
+        cfg = self.cfg
+        if self.draining:
+            return _json_error(503, "draining", "this node is draining; connect to another", retry_after=1)
+        try:
+            identity = self.authenticate(request)
+        except AuthError as e:
+            self.metrics.reject("unauthorized")
+            return _json_error(401, "unauthorized", str(e))
+        if len(self.hub) >= cfg.max_connections:
+            self.metrics.reject("over_capacity")
+            return _json_error(503, "over_capacity", "connection limit reached on this node", retry_after=2)
+        try:
+            since, since_epoch = _parse_since(request)
+        except InvalidRequest as e:
+            return _json_error(400, e.code, e.message)
+        ws = web.WebSocketResponse(
+            protocols=SUBPROTOCOLS, heartbeat=cfg.ping_interval_s, max_msg_size=cfg.max_frame_bytes, compress=False
+        )
+        await ws.prepare(request)
+        conn = Connection(
+            conn_id=self.next_conn_id(),
+            user_id=identity.user_id,
+            ws=ws,
+            transport=request.transport,
+            codec=codec_for(ws.ws_protocol),
+            metrics=self.metrics,
+            read_mailbox=lambda user, after, count: self.mailbox.read(user, after, count=count),
+            max_frames=cfg.outbound_max_frames,
+            max_bytes=cfg.outbound_max_bytes,
+        )
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            await self._run_connection(conn, identity, since, since_epoch)
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+        return ws
+
+    async def _run_connection(
+        self, conn: Connection, identity: Identity, since: int | None, since_epoch: str | None
+    ) -> None:
+        registered = False
+        self.hub.add(conn)
+        self.metrics.connects.labels(self.node_id).inc()
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, identity.expires_at - time.time()), conn.close, CloseCode.TOKEN_EXPIRED, "token expired"
+        )
+        reason = "client"
+        try:
+            try:
+                await self.presence.register(conn.user_id, self.node_id)
+                registered = True
+                state = await self.mailbox.open(conn.user_id)
+            except StoreUnavailable:
+                reason = "unavailable"
+                conn.close(CloseCode.TRY_AGAIN_LATER, "store unavailable")
+                await conn.wait_closed()
+                return
+            conn.send_frame(
+                {"type": "welcome", "node": self.node_id, "user": conn.user_id, "conn": conn.conn_id, "epoch": state.epoch}
+            )
+            resume = since is not None and (since_epoch in (None, state.epoch)) and since <= state.last_seq
+            conn.begin(state, since if resume and since is not None else state.acked)
+            await self._read_frames(conn)
+            reason = _close_reason(conn)
+        finally:
+            expiry.cancel()
+            self.hub.remove(conn)
+            if registered:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.presence.unregister(conn.user_id, self.node_id)
+            await conn.release()
+            self.metrics.disconnects.labels(self.node_id, reason).inc()
+
+    async def _read_frames(self, conn: Connection) -> None:
+        limiter = RateLimiter(self.cfg.rate_limit_per_s, self.cfg.rate_limit_burst)
+        async for msg in conn.ws:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                if not limiter.allow():
+                    self._reject(conn, ErrorCode.RATE_LIMITED, "over the per-connection rate limit", None)
+                    continue
+                await self._handle_frame(conn, msg.data)
+            elif msg.type == WSMsgType.ERROR:
+                break
+
+    async def _handle_frame(self, conn: Connection, data: str | bytes) -> None:
+        ref: object = None
+        try:
+            frame = conn.codec.decode(data)
+            ref = frame.get("ref")
+            kind = frame.get("type")
+            if kind == "send":
+                await self._handle_send(conn, frame)
+            elif kind == "ack":
+                await self._handle_ack(conn, frame)
+            elif kind in ("subscribe", "unsubscribe"):
+                channel = frame.get("channel")
+                if not isinstance(channel, str) or not channel:
+                    raise InvalidRequest(ErrorCode.INVALID_FIELD, "channel must be a non-empty string")
+                if kind == "subscribe":
+                    conn.subscriptions.add(channel)
+                else:
+                    conn.subscriptions.discard(channel)
+            else:
+                raise InvalidRequest(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind!r}")
+        except InvalidRequest as e:
+            self._reject(conn, e.code, e.message, ref)
+        except StoreUnavailable:
+            self._reject(conn, ErrorCode.UNAVAILABLE, "message store unavailable; nothing was sent, retry", ref)
+        except Exception:
+            log.exception("frame_failed", node_id=self.node_id, user_id=conn.user_id, conn_id=conn.conn_id)
+            self._reject(conn, ErrorCode.INTERNAL, "internal error", ref)
+
+    def _reject(self, conn: Connection, code: str, message: str, ref: object) -> None:
+        self.metrics.reject(code)
+        conn.send_frame(error_frame(code, message, ref if _valid_ref(ref) else None))
+
+    async def _handle_send(self, conn: Connection, frame: dict[str, object]) -> None:
+        ref = frame.get("ref")
+        if not _valid_ref(ref):
+            raise InvalidRequest(ErrorCode.INVALID_FIELD, "ref must be a string or an integer")
+        request = parse_send(frame, max_receivers=self.cfg.max_receivers)
+        envelope = Envelope.create(sender=conn.user_id, channel=request.channel, payload=request.payload)
+        [results] = await self.sender.send([Message(envelope, request.to)])
+        for result in results:
+            self.metrics.messages.labels("gateway", result.status).inc()
+        self.metrics.mailbox_appends.labels("gateway").inc(len(results))
+        conn.send_frame({"type": "sent", "ref": ref, "id": envelope.msg_id, "results": [r.as_json() for r in results]})
+
+    async def _handle_ack(self, conn: Connection, frame: dict[str, object]) -> None:
+        seq = frame.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise InvalidRequest(ErrorCode.INVALID_FIELD, "seq must be a non-negative integer")
+        if conn.epoch is None:
+            return
+        await self.mailbox.ack(conn.user_id, conn.epoch, min(seq, conn.last_seq))
+
+
+class RateLimiter:
+    """Token bucket: ``rate`` frames per second with bursts of ``burst``."""
+
+    __slots__ = ("_burst", "_last", "_rate", "_tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+def _valid_ref(ref: object) -> bool:
+    return ref is None or (isinstance(ref, str) and len(ref) <= 256) or (isinstance(ref, int) and not isinstance(ref, bool))
+
+
+def _close_reason(conn: Connection) -> str:
+    return {
+        CloseCode.SLOW_CONSUMER: "slow_consumer",
+        CloseCode.SERVICE_RESTART: "drain",
+        CloseCode.DISCONNECTED_BY_ADMIN: "admin",
+        CloseCode.TOKEN_EXPIRED: "token_expired",
+    }.get(conn.close_code or 0, "client")
+
+
+def _parse_since(request: web.Request) -> tuple[int | None, str | None]:
+    raw = request.query.get("since")
+    epoch = request.query.get("epoch") or None
+    if raw is None or raw == "":
+        return None, epoch
+    try:
+        since = int(raw)
+    except ValueError:
+        raise InvalidRequest(ErrorCode.INVALID_FIELD, "since must be a non-negative integer") from None
+    if since < 0:
+        raise InvalidRequest(ErrorCode.INVALID_FIELD, "since must be a non-negative integer")
+    return since, epoch
+
+
+def _json_error(status: int, code: str, message: str, *, retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+GATEWAY_KEY: Final = web.AppKey("gateway", Gateway)
+
+
+async def _healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    if gateway.draining:
+        return _json_error(503, "draining", "node is draining")
+    try:
+        async with gateway.metrics.redis_op("ping"):
+            await gateway.registry.refresh()
+    except StoreUnavailable:
+        return _json_error(503, "unavailable", "redis unavailable", retry_after=1)
+    return web.json_response({"status": "ready", "node": gateway.node_id})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    return web.Response(body=gateway.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _ws(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEWAY_KEY].serve(request)
+
+
+def create_app(cfg: GatewayConfig, *, registry: CollectorRegistry | None = None) -> web.Application:
+    """The gateway's aiohttp application; the ``Gateway`` lives under ``GATEWAY_KEY``."""
+    app = web.Application()
+    gateway = Gateway(cfg, registry=registry)
+    app[GATEWAY_KEY] = gateway
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await gateway.start()
+        yield
+        await gateway.stop()
+
+    async def on_shutdown(_app: web.Application) -> None:
+        await gateway.drain()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_get("/ws", _ws)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app

@@ -1,0 +1,302 @@
+"""One client connection: ordered, duplicate-free delivery and a bounded outbound queue.
+
+Ordering invariant: frames leave in ``seq`` order and ``last_seq`` only grows, so a ``seq`` is never
+written twice to one connection. A live item that is not the next ``seq`` (a gap: pushes from two
+senders raced, or the node missed some) switches the connection to *syncing*: live items are parked
+(bounded; anything dropped is re-read) and a sync task reads the mailbox from ``last_seq`` until it
+has reached every ``seq`` known to exist, then drains what was parked.
+
+Outbound: one writer task drains a deque bounded in frames and bytes. Live delivery never waits: a
+connection over its bound is closed with 4008 (slow consumer) and what it missed waits in the mailbox.
+Catch-up from the mailbox does wait for room, so a large backlog streams at the client's pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from aiohttp import web
+
+from shared.envelope import Envelope, Recipient
+from shared.errors import EnvelopeDecodeError, StoreUnavailable
+from shared.logs import get_logger
+from shared.mailbox import SequenceState, StoredMessage
+from shared.metrics import Metrics
+from shared.protocol import CloseCode, FrameCodec, message_frame
+
+log = get_logger("beeline.gateway.connection")
+
+MAX_PARKED: Final = 1024
+"""Live items parked while syncing; beyond it they are dropped and re-read from the mailbox."""
+CATCHUP_PAGE: Final = 256
+"""Mailbox entries read per round trip while syncing."""
+
+MailboxReader = Callable[[str, int, int], Awaitable[list[StoredMessage]]]
+MailboxOpener = Callable[[str], Awaitable[SequenceState]]
+
+
+def _newer_epoch(candidate: str, current: str) -> bool:
+    # Epochs are Redis TIME in microseconds as digits, so a later epoch compares greater.
+    try:
+        return int(candidate) > int(current)
+    except ValueError:
+        return candidate > current
+
+
+class Connection:
+    """State and outbound queue of one WebSocket; owned by the gateway handler that accepted it."""
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        user_id: str,
+        ws: web.WebSocketResponse,
+        transport: asyncio.BaseTransport | None,
+        codec: FrameCodec,
+        metrics: Metrics,
+        read_mailbox: MailboxReader,
+        max_frames: int,
+        max_bytes: int,
+    ) -> None:
+        self.conn_id = conn_id
+        self.user_id = user_id
+        self.ws = ws
+        self.codec = codec
+        self.subscriptions: set[str] = set()
+        self.epoch: str | None = None
+        self.last_seq = 0
+        self.close_code: int | None = None
+        self._transport = transport
+        self._metrics = metrics
+        self._node = metrics.node
+        self._read_mailbox = read_mailbox
+        self._max_frames = max_frames
+        self._max_bytes = max_bytes
+        self._queue: deque[tuple[str | bytes, float, str]] = deque()
+        self._queued_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._parked: dict[int, tuple[Envelope, Recipient, str]] = {}
+        self._target = 0
+        self._syncing = True  # until begin(): live items are parked while the start point is unknown
+        self._sync_task: asyncio.Task[None] | None = None
+        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{conn_id}")
+        self._closing: asyncio.Task[None] | None = None
+
+    # -- sequence ---------------------------------------------------------------------------------
+    def begin(self, state: SequenceState, start_after: int) -> None:
+        """Sets the start point (``since`` or the read cursor) and catches up to ``state.last_seq``."""
+        self.epoch = state.epoch
+        self.last_seq = start_after
+        self._target = max(self._target, state.last_seq)
+        for seq in [s for s, (_, r, _) in self._parked.items() if r.epoch != state.epoch]:
+            del self._parked[seq]
+        self._start_sync()
+
+    def resync(self, state: SequenceState) -> None:
+        """After Redis lost data or this node was reaped: catch up with what the mailbox holds now."""
+        if self.epoch is None:
+            return
+        if state.epoch != self.epoch:
+            self._adopt_epoch(state.epoch)
+        self._target = max(self._target, state.last_seq)
+        if not self._syncing:
+            self._start_sync()
+
+    def offer(self, envelope: Envelope, recipient: Recipient, path: str) -> None:
+        """A live item for this connection's user (from the node stream, pub/sub or the local path)."""
+        if self.close_code is not None:
+            return
+        if self.epoch is not None and recipient.epoch != self.epoch:
+            if not _newer_epoch(recipient.epoch, self.epoch):
+                return  # a straggler from a sequence that no longer exists
+            self._adopt_epoch(recipient.epoch)
+        seq = recipient.seq
+        if seq <= self.last_seq:
+            return
+        if not self._syncing and seq == self.last_seq + 1:
+            self._emit(envelope, recipient, path)
+            return
+        self._target = max(self._target, seq)
+        if len(self._parked) < MAX_PARKED:
+            self._parked[seq] = (envelope, recipient, path)
+        if not self._syncing:
+            self._start_sync()
+
+    def _adopt_epoch(self, epoch: str) -> None:
+        # The user's sequence restarted (Redis lost it): the new one starts at 1.
+        log.warning("epoch_changed", user_id=self.user_id, conn_id=self.conn_id, epoch=epoch)
+        self.epoch = epoch
+        self.last_seq = 0
+        self._target = 0
+        self._parked = {s: item for s, item in self._parked.items() if item[1].epoch == epoch}
+
+    def _start_sync(self) -> None:
+        self._syncing = True
+        self._sync_task = asyncio.create_task(self._sync(), name=f"ws-sync-{self.conn_id}")
+
+    async def _sync(self) -> None:
+        try:
+            await self._sync_until_caught_up()
+        except StoreUnavailable:
+            # The parked items stay; the next live item or the reconnect after Redis returns retries.
+            log.warning("mailbox_read_failed", user_id=self.user_id, conn_id=self.conn_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("sync_failed", user_id=self.user_id, conn_id=self.conn_id)
+            self.close(CloseCode.INTERNAL_ERROR)
+        finally:
+            self._syncing = False
+            self._sync_task = None
+        # Items parked after the last mailbox read but not contiguous restart a sync.
+        if self._parked and self.close_code is None and self.epoch is not None:
+            self._drain_parked()
+            if self._parked:
+                self._start_sync()
+
+    async def _sync_until_caught_up(self) -> None:
+        while self.close_code is None and self.epoch is not None:
+            self._drain_parked()
+            if self.last_seq >= self._target:
+                return
+            await self._room.wait()
+            epoch = self.epoch
+            page = await self._read_mailbox(self.user_id, self.last_seq, CATCHUP_PAGE)
+            if epoch != self.epoch:
+                continue  # the epoch changed under us; start over from the new one
+            self._metrics.mailbox_reads.labels(self._node, "sync").inc()
+            if not page:
+                # What is missing is gone (mailbox cap or TTL): skip to the oldest parked item.
+                if self._parked:
+                    self.last_seq = min(self._parked) - 1
+                    continue
+                self._target = self.last_seq
+                return
+            for stored in page:
+                if stored.seq <= self.last_seq:
+                    continue
+                try:
+                    envelope = Envelope.unpack(stored.envelope)
+                except EnvelopeDecodeError:
+                    log.error("mailbox_entry_undecodable", user_id=self.user_id, seq=stored.seq)
+                    self.last_seq = stored.seq
+                    continue
+                # A seq jump here means the mailbox cap or TTL dropped older entries: nothing to wait for.
+                self.last_seq = stored.seq - 1
+                self._emit(envelope, Recipient(self.user_id, stored.seq, epoch), "mailbox")
+            self._target = max(self._target, self.last_seq)
+
+    def _drain_parked(self) -> None:
+        for seq in sorted(self._parked):
+            if seq <= self.last_seq:
+                del self._parked[seq]
+            elif seq == self.last_seq + 1:
+                envelope, recipient, path = self._parked.pop(seq)
+                self._emit(envelope, recipient, path)
+            else:
+                break
+
+    def _emit(self, envelope: Envelope, recipient: Recipient, path: str) -> None:
+        self.last_seq = recipient.seq
+        if self.subscriptions and envelope.channel not in self.subscriptions:
+            return  # stays unread for the user's other connections and in the mailbox
+        self.send_frame(message_frame(envelope, recipient), envelope.ts, path)
+
+    # -- outbound -----------------------------------------------------------------------------------
+    def send_frame(self, frame: dict[str, Any], ts: float = 0.0, path: str = "") -> None:
+        """Queues a frame; closes the connection as a slow consumer when over the bound."""
+        if self.close_code is not None:
+            return
+        data = self.codec.encode(frame)
+        size = len(data)
+        if len(self._queue) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
+            self._metrics.slow_closes.labels(self._node).inc()
+            log.warning("slow_consumer_closed", user_id=self.user_id, conn_id=self.conn_id, queued=len(self._queue))
+            self.close(CloseCode.SLOW_CONSUMER)
+            return
+        self._queue.append((data, ts, path))
+        self._queued_bytes += size
+        if len(self._queue) >= self._max_frames // 2 or self._queued_bytes >= self._max_bytes // 2:
+            self._room.clear()
+        self._wakeup.set()
+
+    async def _write_loop(self) -> None:
+        ws = self.ws
+        latency = self._metrics.delivery_latency
+        deliveries = self._metrics.deliveries
+        node = self._node
+        try:
+            while True:
+                if not self._queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                data, ts, path = self._queue.popleft()
+                self._queued_bytes -= len(data)
+                if isinstance(data, bytes):
+                    await ws.send_bytes(data)
+                else:
+                    await ws.send_str(data)
+                if path:
+                    latency.labels(node, path).observe(max(0.0, time.time() - ts))
+                    deliveries.labels(node, path).inc()
+                if not self._room.is_set() and len(self._queue) < self._max_frames // 4:
+                    self._room.set()
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionError, RuntimeError):
+            # The peer went away mid-write; the handler's read loop sees the close and cleans up.
+            self.close(CloseCode.NORMAL)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def close(self, code: int, reason: str = "") -> None:
+        """Closes the socket with ``code`` (once); returns at once, the close runs in the background."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        self._room.set()
+        self._closing = asyncio.create_task(self._close(code, reason), name=f"ws-close-{self.conn_id}")
+
+    async def _close(self, code: int, reason: str) -> None:
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), timeout=2.0)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            # A peer that stopped reading cannot take the close frame: drop the TCP connection.
+            if self._transport is not None:
+                self._transport.abort()
+
+    async def flush_and_close(self, code: int, timeout_s: float) -> None:
+        """Lets queued frames go out (bounded by ``timeout_s``), then closes with ``code``."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue and self.close_code is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self.close(code)
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        if self._closing is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._closing
+
+    async def release(self) -> None:
+        """Stops every task of this connection (the handler calls it once the socket is closed)."""
+        if self.close_code is None:
+            self.close_code = CloseCode.NORMAL
+        tasks = [t for t in (self._writer, self._sync_task, self._closing) if t is not None and not t.done()]
+        for task in tasks:
+            if task is not self._closing:
+                task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

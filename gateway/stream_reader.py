@@ -1,0 +1,194 @@
+"""Inbound transport of a gateway: its own node stream (routed) or the broadcast channel.
+
+Both readers run one owned task, hand every entry to the hub, and back off with jitter when Redis is
+unavailable (no hot loop: 0.1 s doubling to 2 s). The stream reader uses a consumer group with NOACK
+purely as a server-side cursor: after a reconnect it continues where it stopped, and ``XINFO GROUPS``
+reports its lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from redis import exceptions as redis_exceptions
+
+from gateway.hub import ConnectionHub
+from shared.envelope import STREAM_FIELD, StreamEntry
+from shared.errors import EnvelopeDecodeError
+from shared.keys import STREAM_GROUP, Keys
+from shared.logs import get_logger
+from shared.metrics import Metrics
+from shared.redis import UNAVAILABLE_ERRORS, RedisClient
+
+log = get_logger("beeline.gateway.reader")
+
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 2.0
+
+
+class Backoff:
+    """Exponential backoff with full jitter; ``reset()`` after a success."""
+
+    def __init__(self, start_s: float = BACKOFF_START_S, max_s: float = BACKOFF_MAX_S) -> None:
+        self._start = start_s
+        self._max = max_s
+        self._next = start_s
+        self.failures = 0
+
+    async def wait(self) -> None:
+        self.failures += 1
+        delay = random.uniform(self._next / 2, self._next)
+        self._next = min(self._max, self._next * 2)
+        await asyncio.sleep(delay)
+
+    def reset(self) -> None:
+        self._next = self._start
+        self.failures = 0
+
+
+class InboundReader(Protocol):
+    async def prepare(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def lag(self) -> int: ...
+
+
+class NodeStreamReader:
+    """Reads this node's stream in batches (``XREADGROUP COUNT n BLOCK ms NOACK``)."""
+
+    def __init__(
+        self,
+        *,
+        redis: RedisClient,
+        blocking_redis: RedisClient,
+        keys: Keys,
+        node_id: str,
+        hub: ConnectionHub,
+        metrics: Metrics,
+        batch: int,
+        block_ms: int,
+        on_stream_lost: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._redis = redis
+        self._blocking = blocking_redis
+        self._stream = keys.node_stream(node_id)
+        self._node_id = node_id
+        self._hub = hub
+        self._metrics = metrics
+        self._batch = batch
+        self._block_ms = block_ms
+        self._on_stream_lost = on_stream_lost
+
+    async def prepare(self) -> None:
+        """A fresh, empty stream and group for this incarnation of the node."""
+        await self._redis.delete(self._stream)
+        await self.ensure_group(from_id="$")
+
+    async def ensure_group(self, from_id: str) -> None:
+        try:
+            await self._redis.xgroup_create(self._stream, STREAM_GROUP, id=from_id, mkstream=True)
+        except redis_exceptions.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def lag(self) -> int:
+        groups: list[dict[Any, Any]] = await self._redis.xinfo_groups(self._stream)
+        for group in groups:
+            name = group.get("name") or group.get(b"name")
+            if name in (STREAM_GROUP, STREAM_GROUP.encode()):
+                lag = group.get("lag", group.get(b"lag"))
+                return int(lag) if lag is not None else 0
+        return 0
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        streams = {self._stream: ">"}
+        entries_total = self._metrics.stream_entries.labels(self._node_id)
+        while True:
+            try:
+                response = await self._blocking.xreadgroup(
+                    STREAM_GROUP, self._node_id, streams, count=self._batch, block=self._block_ms, noack=True
+                )
+            except asyncio.CancelledError:
+                raise
+            except redis_exceptions.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                # The stream vanished while we live (Redis restarted empty): recreate it, reading from
+                # its start, and let the node re-register and resync its connections.
+                log.warning("node_stream_lost", node_id=self._node_id)
+                try:
+                    await self.ensure_group(from_id="0")
+                    await self._on_stream_lost()
+                except UNAVAILABLE_ERRORS:
+                    await backoff.wait()
+                continue
+            except UNAVAILABLE_ERRORS as e:
+                if backoff.failures == 0:
+                    log.warning("node_stream_read_failed", node_id=self._node_id, error=type(e).__name__)
+                await backoff.wait()
+                continue
+            if backoff.failures:
+                log.info("node_stream_read_recovered", node_id=self._node_id, failures=backoff.failures)
+                backoff.reset()
+            for _stream, messages in response or ():
+                entries_total.inc(len(messages))
+                for _entry_id, fields in messages:
+                    self._handle(fields)
+
+    def _handle(self, fields: dict[bytes, bytes]) -> None:
+        try:
+            entry = StreamEntry.unpack(fields[STREAM_FIELD])
+        except (KeyError, EnvelopeDecodeError):
+            log.error("stream_entry_undecodable", node_id=self._node_id)
+            return
+        self._hub.deliver_entry(entry, "routed")
+
+
+class BroadcastReader:
+    """``broadcast`` mode: every node reads every message from one pub/sub channel."""
+
+    def __init__(
+        self, *, blocking_redis: RedisClient, keys: Keys, node_id: str, hub: ConnectionHub, block_ms: int
+    ) -> None:
+        self._blocking = blocking_redis
+        self._channel = keys.broadcast_channel()
+        self._node_id = node_id
+        self._hub = hub
+        self._timeout_s = block_ms / 1000
+
+    async def prepare(self) -> None:
+        return None
+
+    async def lag(self) -> int:
+        return 0
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        while True:
+            pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)  # type: ignore[union-attr]
+            try:
+                await pubsub.subscribe(self._channel)
+                backoff.reset()
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._timeout_s)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    try:
+                        entry = StreamEntry.unpack(message["data"])
+                    except EnvelopeDecodeError:
+                        log.error("broadcast_entry_undecodable", node_id=self._node_id)
+                        continue
+                    self._hub.deliver_entry(entry, "routed")
+            except asyncio.CancelledError:
+                raise
+            except UNAVAILABLE_ERRORS as e:
+                if backoff.failures == 0:
+                    log.warning("broadcast_read_failed", node_id=self._node_id, error=type(e).__name__)
+                await backoff.wait()
+            finally:
+                await pubsub.aclose()

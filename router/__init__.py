@@ -1,0 +1,1 @@
+"""Beeline router: the HTTP API internal services call to send messages, query presence and administer."""

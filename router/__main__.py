@@ -1,0 +1,29 @@
+"""``beeline router``: load config, configure logs, run the app."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from router.app import create_app
+from shared.config import RouterConfig, load, parse_args
+from shared.errors import ConfigError
+from shared.logs import configure_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = load(RouterConfig, os.environ, parse_args(RouterConfig, argv))
+    except ConfigError as e:
+        print(f"beeline router: {e}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.log_level, cfg.log_format, service="router")
+    web.run_app(create_app(cfg), host=cfg.host, port=cfg.port, access_log=None, print=None, shutdown_timeout=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The router service: owns its Redis pool and the node-registry refresher; ``create_app`` wires it
+into aiohttp. Handlers live in :mod:`router.handlers`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from router.idempotency import IdempotencyStore
+from shared.auth import ApiKeys, bearer
+from shared.config import RouterConfig
+from shared.delivery import Delivery, create_delivery
+from shared.errors import AuthError, InvalidRequest, StoreUnavailable
+from shared.keys import Keys
+from shared.logs import get_logger
+from shared.mailbox import Mailbox
+from shared.metrics import Metrics
+from shared.nodes import NodeRegistry
+from shared.presence import RedisPresenceDirectory
+from shared.redis import RedisClient, create_redis, describe_target
+from shared.routing import Sender
+
+log = get_logger("beeline.router")
+
+RETRY_AFTER_S: Final = 1
+PUBLIC_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+
+class Router:
+    """Redis pool, mailbox, presence, node registry view and delivery transport of one router process."""
+
+    def __init__(self, cfg: RouterConfig, *, registry: CollectorRegistry | None = None) -> None:
+        self.cfg = cfg
+        self.keys = Keys(cfg.key_prefix)
+        self.metrics = Metrics(registry or CollectorRegistry(), service="router")
+        self.api_keys = ApiKeys(cfg.api_keys)
+        self._redis: RedisClient | None = None
+        self._refresher: asyncio.Task[None] | None = None
+
+    @property
+    def redis(self) -> RedisClient:
+        assert self._redis is not None, "Router.start() not called"  # noqa: S101 - programming error only
+        return self._redis
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        guard = self.metrics.redis_op
+        self._redis = redis = create_redis(cfg)
+        self.mailbox = Mailbox(redis, self.keys, max_len=cfg.mailbox_max, ttl_s=cfg.mailbox_ttl_s, guard=guard)
+        self.presence = RedisPresenceDirectory(redis, self.keys, guard=guard)
+        self.nodes = NodeRegistry(
+            redis, self.keys, dead_after_s=cfg.node_dead_after_s, key_ttl_s=cfg.node_key_ttl_s, guard=guard
+        )
+        self.delivery: Delivery = create_delivery(
+            cfg.routing, redis, self.keys, stream_maxlen=cfg.stream_maxlen, guard=guard
+        )
+        self.sender = Sender(self.mailbox, self.nodes, self.delivery, max_payload_bytes=cfg.max_payload_bytes)
+        self.idempotency = IdempotencyStore(redis, self.keys, self.metrics, window_s=cfg.idempotency_window_s)
+        self._refresher = asyncio.create_task(self._refresh_nodes(), name="node-registry-refresh")
+        log.info("router_started", routing=cfg.routing, redis=describe_target(cfg), port=cfg.port)
+
+    async def _refresh_nodes(self) -> None:
+        # Every min(1 s, interval / 2): see shared.nodes for why this keeps live nodes live.
+        period = min(1.0, self.cfg.heartbeat_interval_s / 2)
+        while True:
+            with contextlib.suppress(StoreUnavailable):
+                await self.nodes.refresh()
+            await asyncio.sleep(period)
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+        log.info("router_stopped")
+
+
+ROUTER_KEY: Final = web.AppKey("router", Router)
+SCOPE_KEY: Final = "beeline.api_scope"
+
+
+def json_error(status: int, code: str, message: str, *, retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticates, maps errors to JSON responses, and counts requests by route and status."""
+    router = request.app[ROUTER_KEY]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    start = time.perf_counter()
+    response: web.StreamResponse
+    try:
+        if request.path not in PUBLIC_PATHS:
+            token = bearer(request.headers.get("Authorization"))
+            if token is None:
+                raise AuthError("missing bearer API key")
+            request[SCOPE_KEY] = router.api_keys.check(token)
+        response = await handler(request)
+    except AuthError as e:
+        router.metrics.reject("unauthorized")
+        response = json_error(401, "unauthorized", str(e))
+        response.headers["WWW-Authenticate"] = "Bearer"
+    except InvalidRequest as e:
+        router.metrics.reject(e.code)
+        status = 413 if e.code == "payload_too_large" else 400
+        response = json_error(status, e.code, e.message)
+    except StoreUnavailable:
+        response = json_error(503, "unavailable", "message store unavailable; retry later", retry_after=RETRY_AFTER_S)
+    except web.HTTPException as e:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status, "http_error")
+        response = json_error(e.status, code, e.reason)
+    except Exception:
+        log.exception("request_failed", route=route)
+        response = json_error(500, "internal", "internal error")
+    router.metrics.http_requests.labels("router", route, str(response.status)).inc()
+    router.metrics.http_latency.labels("router", route).observe(time.perf_counter() - start)
+    return response
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequest("bad_json", "request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("bad_json", "request body must be a JSON object")
+    return body
+
+
+def create_app(cfg: RouterConfig, *, registry: CollectorRegistry | None = None) -> web.Application:
+    """The router's aiohttp application; the ``Router`` lives under ``ROUTER_KEY``."""
+    from router import handlers  # noqa: PLC0415 - handlers import this module's helpers
+
+    app = web.Application(middlewares=[errors_middleware], client_max_size=16 * 1024 * 1024)
+    router = Router(cfg, registry=registry)
+    app[ROUTER_KEY] = router
+
+    async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
+        await router.start()
+        yield
+        await router.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    handlers.add_routes(app)
+    return app
+
+
+OPENAPI_PATH: Final = Path(__file__).with_name("openapi.json")

@@ -1,0 +1,120 @@
+"""The per-user mailbox: the source of truth for delivery.
+
+Each user has a sequence (meta hash ``{seq, epoch, acked}``) and a capped stream whose entry ids are
+``<seq>-0``. Appending assigns the next ``seq`` and stores the envelope in one Lua call on the user's
+slot, which also returns the user's presence, so a send costs one round trip before its pushes.
+
+Invariants:
+
+* ``seq`` is 1, 2, 3, ... without gaps within an ``epoch``; the epoch changes only when the counter
+  was lost (then the old mailbox is dropped with it).
+* ``acked`` only moves forward and never past ``seq``; "unread" means ``seq > acked``.
+* The stream keeps the last ``mailbox_max`` entries and expires ``mailbox_ttl_s`` after the last append.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shared.envelope import STREAM_FIELD
+from shared.keys import Keys
+from shared.redis import OpGuard, RedisClient, lua_source, untimed
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Result of one append: the assigned seq and epoch, and node_id -> connections of the receiver."""
+
+    user_id: str
+    seq: int
+    epoch: str
+    presence: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceState:
+    """Where a user's sequence stands: its epoch, the last seq assigned and the read cursor."""
+
+    epoch: str
+    last_seq: int
+    acked: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    seq: int
+    envelope: bytes
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _pairs_to_counts(flat: Sequence[Any]) -> dict[str, int]:
+    return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class Mailbox:
+    """Redis-backed per-user sequences and mailboxes (see module docstring for the invariants)."""
+
+    def __init__(self, redis: RedisClient, keys: Keys, *, max_len: int, ttl_s: int, guard: OpGuard = untimed) -> None:
+        self._redis = redis
+        self._guard = guard
+        self._keys = keys
+        self._max_len = max_len
+        self._ttl_s = ttl_s
+        self._append = redis.register_script(lua_source("mailbox_append"))
+        self._open = redis.register_script(lua_source("mailbox_open"))
+        self._ack = redis.register_script(lua_source("mailbox_ack"))
+
+    async def append(self, envelope: bytes, user_ids: Sequence[str]) -> list[Appended]:
+        """Appends one envelope to each user's mailbox in one pipelined round trip."""
+        return await self.append_each([(envelope, u) for u in user_ids])
+
+    async def append_each(self, items: Sequence[tuple[bytes, str]]) -> list[Appended]:
+        """Appends many (envelope, user) pairs, each its own message, in one pipelined round trip."""
+        k = self._keys
+        async with self._guard("mailbox_append"):
+            if len(items) == 1:
+                envelope, user_id = items[0]
+                raw = await self._append(
+                    keys=[k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id)],
+                    args=[envelope, self._max_len, self._ttl_s],
+                )
+                return [self._appended(user_id, raw)]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for envelope, user_id in items:
+                    await self._append(
+                        keys=[k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id)],
+                        args=[envelope, self._max_len, self._ttl_s],
+                        client=pipe,
+                    )
+                raws = await pipe.execute()
+        return [self._appended(u, raw) for (_, u), raw in zip(items, raws, strict=True)]
+
+    @staticmethod
+    def _appended(user_id: str, raw: Sequence[Any]) -> Appended:
+        return Appended(user_id=user_id, seq=int(raw[0]), epoch=_text(raw[1]), presence=_pairs_to_counts(raw[2]))
+
+    async def open(self, user_id: str) -> SequenceState:
+        """The user's sequence state, creating the epoch if the user has none yet."""
+        k = self._keys
+        async with self._guard("mailbox_open"):
+            raw = await self._open(keys=[k.user_meta(user_id), k.mailbox(user_id)], args=[self._ttl_s])
+        return SequenceState(epoch=_text(raw[0]), last_seq=int(raw[1]), acked=int(raw[2]))
+
+    async def read(self, user_id: str, after_seq: int, *, count: int) -> list[StoredMessage]:
+        """Up to ``count`` stored messages with seq > ``after_seq``, in seq order."""
+        async with self._guard("mailbox_read"):
+            entries = await self._redis.xrange(self._keys.mailbox(user_id), min=f"({after_seq}-0", max="+", count=count)
+        return [
+            StoredMessage(seq=int(_text(entry_id).split("-", 1)[0]), envelope=fields[STREAM_FIELD])
+            for entry_id, fields in entries
+        ]
+
+    async def ack(self, user_id: str, epoch: str, seq: int) -> int:
+        """Moves the read cursor to ``seq`` (cumulative); returns the cursor, or -1 if the epoch is gone."""
+        async with self._guard("mailbox_ack"):
+            return int(await self._ack(keys=[self._keys.user_meta(user_id)], args=[epoch, seq]))

@@ -1,0 +1,167 @@
+"""The node registry: which gateway nodes are alive, on Redis's clock.
+
+Each gateway beats every ``heartbeat_interval_s``: one Lua call moves its deadline (Redis ``TIME`` +
+2 intervals) forward in a sorted set, plus a constant handful of pipelined commands (info hash,
+key TTLs, consumer lag). The cost is per node, never per connection.
+
+TTL arithmetic: a beat at time ``b`` sets ``deadline = b + 2 * interval``. A node that dies right after
+beating at ``b`` is dead from ``b + 2 * interval`` on, i.e. within two intervals of its death, and every
+reader compares deadlines to *Redis* time (estimated locally as ``redis_now_at_refresh + monotonic
+elapsed``), so a dead node is excluded at its deadline even between two refreshes. Readers refresh their
+cached view every ``min(1 s, interval / 2)``: a live node's cached deadline is always at least one
+interval ahead of the refresh, so it is never mistaken for dead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.keys import Keys
+from shared.redis import OpGuard, RedisClient, lua_source, untimed
+
+UNKNOWN_NODE_REFRESH_S = 0.05
+"""How often an unknown node id may force a registry refresh (a brand-new node's first users)."""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryView:
+    """A snapshot of the registry: deadlines (Redis ms) and Redis's clock at the time it was read."""
+
+    deadlines: Mapping[str, float] = field(default_factory=dict)
+    redis_now_ms: float = 0.0
+    taken_at: float = field(default_factory=time.monotonic)
+
+    def redis_now_ms_estimate(self) -> float:
+        return self.redis_now_ms + (time.monotonic() - self.taken_at) * 1000
+
+    def is_live(self, node_id: str) -> bool:
+        deadline = self.deadlines.get(node_id)
+        return deadline is not None and deadline > self.redis_now_ms_estimate()
+
+    def live_nodes(self) -> list[str]:
+        now = self.redis_now_ms_estimate()
+        return sorted(n for n, d in self.deadlines.items() if d > now)
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """What one heartbeat learned: whether the node had vanished from the registry, and dead peers."""
+
+    was_absent: bool
+    dead_nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    node_id: str
+    connections: int
+    stream_lag: int
+    draining: bool
+
+
+class NodeRegistry:
+    """Live gateway nodes: heartbeats (gateway side) and a locally cached view (both sides)."""
+
+    def __init__(
+        self, redis: RedisClient, keys: Keys, *, dead_after_s: float, key_ttl_s: float, guard: OpGuard = untimed
+    ) -> None:
+        self._redis = redis
+        self._guard = guard
+        self._keys = keys
+        self._dead_after_ms = int(dead_after_s * 1000)
+        self._key_ttl_ms = int(key_ttl_s * 1000)
+        self._beat = redis.register_script(lua_source("node_beat"))
+        self._list = redis.register_script(lua_source("node_list"))
+        self._forget = redis.register_script(lua_source("node_forget"))
+        self._view = RegistryView()
+        self._last_forced = 0.0
+
+    @property
+    def view(self) -> RegistryView:
+        return self._view
+
+    async def refresh(self) -> RegistryView:
+        async with self._guard("node_list"):
+            raw = await self._list(keys=[self._keys.node_registry()])
+            flat = raw[1]
+            deadlines = {_text(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}
+            self._view = RegistryView(deadlines=deadlines, redis_now_ms=float(raw[0]), taken_at=time.monotonic())
+            return self._view
+
+    async def live_subset(self, presence: Mapping[str, int]) -> dict[str, int]:
+        """The entries of a user's presence hash whose node is alive now.
+
+        A node id the cached view has never seen forces one refresh (rate-limited): a node that just
+        started registers itself before accepting connections, so it is in the registry by then.
+        """
+        view = self._view
+        if any(n not in view.deadlines for n in presence):
+            now = time.monotonic()
+            if now - self._last_forced >= UNKNOWN_NODE_REFRESH_S:
+                self._last_forced = now
+                view = await self.refresh()
+        return {n: c for n, c in presence.items() if view.is_live(n)}
+
+    async def beat(self, info: NodeInfo) -> Beat:
+        """Refreshes the node's deadline, info and key TTLs: a constant number of commands."""
+        async with self._guard("node_beat"):
+            k = self._keys
+            node_id = info.node_id
+            raw = await self._beat(keys=[k.node_registry()], args=[node_id, self._dead_after_ms])
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(
+                    k.node_info(node_id),
+                    mapping={
+                        "connections": info.connections,
+                        "stream_lag": info.stream_lag,
+                        "draining": int(info.draining),
+                    },
+                )
+                pipe.pexpire(k.node_info(node_id), self._key_ttl_ms)
+                pipe.pexpire(k.node_stream(node_id), self._key_ttl_ms)
+                pipe.pexpire(k.node_members(node_id), self._key_ttl_ms)
+                await pipe.execute()
+            dead = tuple(_text(n) for n in raw[2] if _text(n) != node_id)
+            return Beat(was_absent=bool(int(raw[0])), dead_nodes=dead)
+
+    async def leave(self, node_id: str) -> None:
+        """Removes the node from the registry at once (graceful stop)."""
+        async with self._guard("node_leave"):
+            await self._redis.zrem(self._keys.node_registry(), node_id)
+
+    async def forget_if_dead(self, node_id: str) -> bool:
+        async with self._guard("node_forget"):
+            return bool(await self._forget(keys=[self._keys.node_registry()], args=[node_id]))
+
+    async def claim_reap(self, node_id: str, ttl_s: float) -> bool:
+        """A short lock so that one gateway, not all, reaps a given dead node."""
+        async with self._guard("node_reap_lock"):
+            return bool(await self._redis.set(self._keys.node_reap_lock(node_id), b"1", nx=True, px=int(ttl_s * 1000)))
+
+    async def infos(self, node_ids: Sequence[str]) -> list[NodeInfo]:
+        async with self._guard("node_infos"):
+            if not node_ids:
+                return []
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for node_id in node_ids:
+                    pipe.hgetall(self._keys.node_info(node_id))
+                raws: list[dict[Any, Any]] = await pipe.execute()
+            infos = []
+            for node_id, raw in zip(node_ids, raws, strict=True):
+                fields = {_text(k): _text(v) for k, v in raw.items()}
+                infos.append(
+                    NodeInfo(
+                        node_id=node_id,
+                        connections=int(fields.get("connections", 0)),
+                        stream_lag=int(fields.get("stream_lag", 0)),
+                        draining=fields.get("draining") == "1",
+                    )
+                )
+            return infos

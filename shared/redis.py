@@ -1,0 +1,105 @@
+"""Redis client factory: every option explicit, one place.
+
+redis-py 8 changed defaults (5 s socket timeout, RESP3, built-in retries). We pin them:
+
+* ``protocol=2`` so response shapes (XINFO, XREADGROUP) are the documented RESP2 ones.
+* ``decode_responses=False``: envelopes are msgpack bytes.
+* no automatic retries on the command client: an ``EVALSHA`` that appends to a mailbox or an ``XADD``
+  is not idempotent, so a failure goes back to the caller (HTTP 503 / ``unavailable``) instead of
+  risking a second ``seq`` for the same message. Loops that own their own retry (heartbeat, stream
+  reader) back off themselves.
+* the blocking client (XREADGROUP BLOCK, pub/sub) gets a read timeout longer than its BLOCK so the
+  socket timeout never cuts a healthy blocking read (see channels_redis#422, docket#425).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeAlias
+
+from redis import exceptions as redis_exceptions
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from shared.config import CommonConfig
+from shared.errors import StoreUnavailable
+
+RedisClient: TypeAlias = "Redis | RedisCluster"
+
+
+def _common_options(cfg: CommonConfig, read_timeout_s: float) -> dict[str, Any]:
+    return {
+        "socket_timeout": read_timeout_s,
+        "socket_connect_timeout": min(cfg.redis_timeout_s, 2.0),
+        "retry": Retry(NoBackoff(), 0),
+        "protocol": 2,
+        "decode_responses": False,
+    }
+
+
+def create_redis(cfg: CommonConfig, *, blocking_read_ms: int | None = None, max_connections: int = 256) -> RedisClient:
+    """A client for ``cfg``'s Redis (standalone URL or Cluster seeds).
+
+    ``blocking_read_ms``: the longest BLOCK this client will issue; its read timeout is set above it.
+    """
+    read_timeout = cfg.redis_timeout_s if blocking_read_ms is None else blocking_read_ms / 1000 + cfg.redis_timeout_s
+    options = _common_options(cfg, read_timeout)
+    if cfg.redis_cluster:
+        nodes = []
+        for seed in cfg.redis_cluster:
+            host, _, port = seed.rpartition(":")
+            nodes.append(ClusterNode(host or "127.0.0.1", int(port)))
+        return RedisCluster(startup_nodes=nodes, max_connections=max_connections, **options)
+    client: Redis = Redis.from_url(cfg.redis_url, max_connections=max_connections, **options)
+    return client
+
+
+def describe_target(cfg: CommonConfig) -> str:
+    """Where Redis is, for logs, without credentials."""
+    if cfg.redis_cluster:
+        return "cluster:" + ",".join(cfg.redis_cluster)
+    url = cfg.redis_url
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        url = f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+def lua_source(name: str) -> str:
+    """The text of ``shared/lua/<name>.lua`` (each file documents its KEYS and ARGV)."""
+    from importlib.resources import files
+
+    return (files("shared") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    redis_exceptions.ConnectionError,
+    redis_exceptions.TimeoutError,
+    redis_exceptions.BusyLoadingError,
+    redis_exceptions.ClusterDownError,
+    redis_exceptions.TryAgainError,
+    redis_exceptions.MasterDownError,
+    redis_exceptions.ReadOnlyError,
+    OSError,
+)
+
+
+@asynccontextmanager
+async def store_errors() -> AsyncIterator[None]:
+    """Turns the Redis errors that mean "not reachable right now" into :class:`StoreUnavailable`."""
+    try:
+        yield
+    except UNAVAILABLE_ERRORS as e:
+        raise StoreUnavailable(f"redis unavailable: {type(e).__name__}: {e}") from e
+
+
+OpGuard: TypeAlias = Callable[[str], AbstractAsyncContextManager[None]]
+"""Wraps one named Redis operation: translates unavailability errors (and, in services, times it)."""
+
+
+def untimed(op: str) -> AbstractAsyncContextManager[None]:
+    """The :data:`OpGuard` used when no metrics are wanted (tools, tests)."""
+    return store_errors()

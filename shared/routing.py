@@ -1,0 +1,151 @@
+"""Routing: what happens to an accepted message, decided from the receiver's presence.
+
+Pure decisions (:func:`classify`, :func:`plan`) are separate from the :class:`Sender` that runs them,
+and neither imports redis: the mailbox, node registry and delivery transport are injected.
+
+A send is: pack the envelope once -> one mailbox append per receiver (seq assigned, presence returned,
+one pipelined round trip) -> receivers on the sender's own node are handed over in-process -> one push
+per remote live node, carrying every receiver that node holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from shared.delivery import Delivery, Outgoing
+from shared.envelope import Envelope, Recipient
+from shared.errors import InvalidRequest
+from shared.mailbox import Appended
+from shared.protocol import ErrorCode
+
+LOCAL: Final = "local"
+ROUTED: Final = "routed"
+STORED: Final = "stored"
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """Per-receiver outcome of a send."""
+
+    to: str
+    seq: int
+    epoch: str
+    status: str
+    nodes: tuple[str, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"to": self.to, "seq": self.seq, "epoch": self.epoch, "status": self.status, "nodes": list(self.nodes)}
+
+
+def classify(live_nodes: Sequence[str], local_node: str | None) -> str:
+    """``local`` when every live connection is on the sender's node, ``routed`` when at least one is
+    elsewhere, ``stored`` when the receiver is offline."""
+    if not live_nodes:
+        return STORED
+    if local_node is not None and all(n == local_node for n in live_nodes):
+        return LOCAL
+    return ROUTED
+
+
+class MailboxStore(Protocol):
+    async def append_each(self, items: Sequence[tuple[bytes, str]]) -> list[Appended]: ...
+
+
+class LiveFilter(Protocol):
+    async def live_subset(self, presence: Mapping[str, int]) -> dict[str, int]: ...
+
+
+LocalHandoff = Callable[[Envelope, bytes, Sequence[Recipient]], None]
+"""Delivers to connections on the sender's own node without the Redis stream hop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message to send: an envelope and its receivers."""
+
+    envelope: Envelope
+    to: tuple[str, ...]
+
+
+class Sender:
+    """Accepts messages: mailbox first (the source of truth), then live pushes."""
+
+    def __init__(
+        self,
+        mailbox: MailboxStore,
+        nodes: LiveFilter,
+        delivery: Delivery,
+        *,
+        max_payload_bytes: int,
+        local_node: str | None = None,
+        local_handoff: LocalHandoff | None = None,
+    ) -> None:
+        self._mailbox = mailbox
+        self._nodes = nodes
+        self._delivery = delivery
+        self._max_payload_bytes = max_payload_bytes
+        self._local_node = local_node
+        self._local_handoff = local_handoff
+
+    def pack(self, envelope: Envelope) -> bytes:
+        packed = envelope.pack()
+        if len(packed) > self._max_payload_bytes:
+            raise InvalidRequest(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"message is {len(packed)} bytes packed; the limit is {self._max_payload_bytes}",
+            )
+        return packed
+
+    async def send(self, messages: Sequence[Message]) -> list[list[SendResult]]:
+        """Sends many messages in one pipelined pass; results per message, per receiver, in order.
+
+        Raises :class:`~shared.errors.StoreUnavailable` when the mailbox append fails (nothing was
+        stored). A failed push after the append is not an error: the message is safe in the mailbox and
+        reaches the receiver by gap fill or on reconnect, so its status reports ``stored``.
+        """
+        packed = [self.pack(m.envelope) for m in messages]
+        appended = await self._mailbox.append_each(
+            [(p, u) for p, m in zip(packed, messages, strict=True) for u in m.to]
+        )
+        outgoing: list[Outgoing] = []
+        statuses: list[list[tuple[Appended, str, tuple[str, ...]]]] = []
+        cursor = 0
+        for message, envelope_bytes in zip(messages, packed, strict=True):
+            mine = appended[cursor : cursor + len(message.to)]
+            cursor += len(message.to)
+            out, rows = await self._plan(message.envelope, envelope_bytes, mine)
+            outgoing.append(out)
+            statuses.append(rows)
+        unreached = await self._delivery.push(outgoing)
+        results: list[list[SendResult]] = []
+        for rows, missing in zip(statuses, unreached, strict=True):
+            per_message = []
+            for item, status, nodes in rows:
+                reached = tuple(n for n in nodes if n not in missing)
+                final = status if reached else STORED
+                per_message.append(SendResult(item.user_id, item.seq, item.epoch, final, reached))
+            results.append(per_message)
+        return results
+
+    async def _plan(
+        self, envelope: Envelope, envelope_bytes: bytes, appended: Sequence[Appended]
+    ) -> tuple[Outgoing, list[tuple[Appended, str, tuple[str, ...]]]]:
+        targets: dict[str, list[Recipient]] = {}
+        local: list[Recipient] = []
+        rows = []
+        for item in appended:
+            live = await self._nodes.live_subset(item.presence)
+            nodes = tuple(sorted(live))
+            recipient = Recipient(item.user_id, item.seq, item.epoch)
+            for node_id in nodes:
+                if node_id == self._local_node:
+                    local.append(recipient)
+                else:
+                    targets.setdefault(node_id, []).append(recipient)
+            rows.append((item, classify(nodes, self._local_node), nodes))
+        if local and self._local_handoff is not None:
+            self._local_handoff(envelope, envelope_bytes, local)
+        recipients = tuple(Recipient(a.user_id, a.seq, a.epoch) for a in appended)
+        return Outgoing(envelope=envelope_bytes, recipients=recipients, targets=targets), rows
