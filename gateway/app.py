@@ -48,6 +48,8 @@ from shared.routing import Message, Sender
 
 log = get_logger("beeline.gateway")
 
+MAX_REF_LEN: Final = 256
+
 
 class Gateway:
     """One gateway node: Redis pools, presence, heartbeat, inbound reader, local connections."""
@@ -92,7 +94,11 @@ class Gateway:
         self.reader: InboundReader
         if cfg.routing == "broadcast":
             self.reader = BroadcastReader(
-                blocking_redis=blocking, keys=self.keys, node_id=self.node_id, hub=self.hub, block_ms=cfg.stream_block_ms
+                blocking_redis=blocking,
+                keys=self.keys,
+                node_id=self.node_id,
+                hub=self.hub,
+                block_ms=cfg.stream_block_ms,
             )
         else:
             self.reader = NodeStreamReader(
@@ -273,7 +279,13 @@ class Gateway:
                 await conn.wait_closed()
                 return
             conn.send_frame(
-                {"type": "welcome", "node": self.node_id, "user": conn.user_id, "conn": conn.conn_id, "epoch": state.epoch}
+                {
+                    "type": "welcome",
+                    "node": self.node_id,
+                    "user": conn.user_id,
+                    "conn": conn.conn_id,
+                    "epoch": state.epoch,
+                }
             )
             resume = since is not None and (since_epoch in (None, state.epoch)) and since <= state.last_seq
             conn.begin(state, since if resume and since is not None else state.acked)
@@ -374,7 +386,11 @@ class RateLimiter:
 
 
 def _valid_ref(ref: object) -> bool:
-    return ref is None or (isinstance(ref, str) and len(ref) <= 256) or (isinstance(ref, int) and not isinstance(ref, bool))
+    return (
+        ref is None
+        or (isinstance(ref, str) and len(ref) <= 256)
+        or (isinstance(ref, int) and not isinstance(ref, bool))
+    )
 
 
 def _close_reason(conn: Connection) -> str:

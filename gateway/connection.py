@@ -89,6 +89,7 @@ class Connection:
         self._sync_task: asyncio.Task[None] | None = None
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{conn_id}")
         self._closing: asyncio.Task[None] | None = None
+        self._drained: asyncio.Event | None = None
 
     # -- sequence ---------------------------------------------------------------------------------
     def begin(self, state: SequenceState, start_after: int) -> None:
@@ -250,6 +251,8 @@ class Connection:
                     deliveries.labels(node, path).inc()
                 if not self._room.is_set() and len(self._queue) < self._max_frames // 4:
                     self._room.set()
+                if not self._queue and self._drained is not None:
+                    self._drained.set()
         except asyncio.CancelledError:
             raise
         except (ConnectionError, RuntimeError):
@@ -278,9 +281,10 @@ class Connection:
 
     async def flush_and_close(self, code: int, timeout_s: float) -> None:
         """Lets queued frames go out (bounded by ``timeout_s``), then closes with ``code``."""
-        deadline = time.monotonic() + timeout_s
-        while self._queue and self.close_code is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        if self._queue and self.close_code is None:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
         self.close(code)
         await self.wait_closed()
 

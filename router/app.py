@@ -45,11 +45,6 @@ class Router:
         self._redis: RedisClient | None = None
         self._refresher: asyncio.Task[None] | None = None
 
-    @property
-    def redis(self) -> RedisClient:
-        assert self._redis is not None, "Router.start() not called"  # noqa: S101 - programming error only
-        return self._redis
-
     async def start(self) -> None:
         cfg = self.cfg
         guard = self.metrics.redis_op

@@ -152,8 +152,9 @@ async def disconnect_user(request: web.Request) -> web.Response:
     [presence] = await _presence(router, [user_id])
     if presence.nodes:
         await router.delivery.disconnect(user_id, presence.nodes)
-    return web.json_response({"user": user_id, "nodes": list(presence.nodes), "connections": presence.connections},
-                             status=202)
+    return web.json_response(
+        {"user": user_id, "nodes": list(presence.nodes), "connections": presence.connections}, status=202
+    )
 
 
 async def healthz(_request: web.Request) -> web.Response:

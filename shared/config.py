@@ -12,7 +12,7 @@ import dataclasses
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar
 
 from shared.errors import ConfigError
 
@@ -23,7 +23,7 @@ DEFAULT_MAILBOX_MAX: Final = 10_000
 DEFAULT_MAILBOX_TTL_S: Final = 7 * 24 * 3600
 
 
-def _setting(default: Any, env: str, help: str, *, factory: Any = None) -> Any:  # noqa: A002
+def _setting(default: Any, env: str, help: str, *, factory: Any = None) -> Any:
     meta = {"env": env, "help": help}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -186,7 +186,7 @@ def load(
         values["port"] = cls.default_port()
     if cls is GatewayConfig and not values.get("node_id"):
         values["node_id"] = socket.gethostname()
-    cfg = cast("ConfigT", cls(**values))
+    cfg = cls(**values)
     cfg.check()
     return cfg
 

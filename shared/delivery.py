@@ -63,16 +63,15 @@ class NodeStreamDelivery:
     async def push(self, outgoing: Sequence[Outgoing]) -> list[set[str]]:
         plan: list[tuple[int, str]] = []
         unreached: list[set[str]] = [set() for _ in outgoing]
-        async with self._guard("stream_push"):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for index, out in enumerate(outgoing):
-                    for node_id, recipients in out.targets.items():
-                        entry = StreamEntry(envelope=out.envelope, recipients=tuple(recipients)).pack()
-                        self._xadd(pipe, node_id, entry)
-                        plan.append((index, node_id))
-                if not plan:
-                    return unreached
-                ids = await pipe.execute()
+        async with self._guard("stream_push"), self._redis.pipeline(transaction=False) as pipe:
+            for index, out in enumerate(outgoing):
+                for node_id, recipients in out.targets.items():
+                    entry = StreamEntry(envelope=out.envelope, recipients=tuple(recipients)).pack()
+                    self._xadd(pipe, node_id, entry)
+                    plan.append((index, node_id))
+            if not plan:
+                return unreached
+            ids = await pipe.execute()
         for (index, node_id), entry_id in zip(plan, ids, strict=True):
             if entry_id is None:
                 unreached[index].add(node_id)

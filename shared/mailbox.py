@@ -56,6 +56,10 @@ def _pairs_to_counts(flat: Sequence[Any]) -> dict[str, int]:
     return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+def _stored(entry_id: Any, fields: Any) -> StoredMessage:
+    return StoredMessage(seq=int(_text(entry_id).split("-", 1)[0]), envelope=bytes(fields[STREAM_FIELD]))
+
+
 class Mailbox:
     """Redis-backed per-user sequences and mailboxes (see module docstring for the invariants)."""
 
@@ -89,7 +93,7 @@ class Mailbox:
                     await self._append(
                         keys=[k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id)],
                         args=[envelope, self._max_len, self._ttl_s],
-                        client=pipe,
+                        client=pipe,  # type: ignore[arg-type]  # redis-py's stubs omit pipelines
                     )
                 raws = await pipe.execute()
         return [self._appended(u, raw) for (_, u), raw in zip(items, raws, strict=True)]
@@ -109,10 +113,7 @@ class Mailbox:
         """Up to ``count`` stored messages with seq > ``after_seq``, in seq order."""
         async with self._guard("mailbox_read"):
             entries = await self._redis.xrange(self._keys.mailbox(user_id), min=f"({after_seq}-0", max="+", count=count)
-        return [
-            StoredMessage(seq=int(_text(entry_id).split("-", 1)[0]), envelope=fields[STREAM_FIELD])
-            for entry_id, fields in entries
-        ]
+        return [_stored(entry_id, fields) for entry_id, fields in entries or ()]
 
     async def ack(self, user_id: str, epoch: str, seq: int) -> int:
         """Moves the read cursor to ``seq`` (cumulative); returns the cursor, or -1 if the epoch is gone."""

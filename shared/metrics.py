@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from shared import __version__
 from shared.errors import StoreUnavailable
 from shared.redis import store_errors
 
@@ -156,6 +157,4 @@ class Metrics:
 
 
 def _version() -> str:
-    from shared import __version__
-
     return __version__

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from importlib.resources import files
 from typing import Any, TypeAlias
 
 from redis import exceptions as redis_exceptions
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -53,8 +54,12 @@ def create_redis(cfg: CommonConfig, *, blocking_read_ms: int | None = None, max_
             host, _, port = seed.rpartition(":")
             nodes.append(ClusterNode(host or "127.0.0.1", int(port)))
         return RedisCluster(startup_nodes=nodes, max_connections=max_connections, **options)
-    client: Redis = Redis.from_url(cfg.redis_url, max_connections=max_connections, **options)
-    return client
+    # A blocking pool makes a burst of concurrent requests wait (up to the command timeout) for a free
+    # connection instead of failing with MaxConnectionsError.
+    pool = BlockingConnectionPool.from_url(
+        cfg.redis_url, max_connections=max_connections, timeout=cfg.redis_timeout_s, **options
+    )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() disconnects it
 
 
 def describe_target(cfg: CommonConfig) -> str:
@@ -70,8 +75,6 @@ def describe_target(cfg: CommonConfig) -> str:
 
 def lua_source(name: str) -> str:
     """The text of ``shared/lua/<name>.lua`` (each file documents its KEYS and ARGV)."""
-    from importlib.resources import files
-
     return (files("shared") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 

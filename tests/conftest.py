@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
+from shared.config import RouterConfig, load
 from shared.keys import Keys
+from shared.redis import RedisClient, create_redis
 from tests.support import Cluster, RedisServer
 
 
@@ -52,3 +54,14 @@ def cluster(redis_server: RedisServer, prefix: str) -> Iterator[Cluster]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer, prefix: str) -> AsyncIterator[RedisClient]:
+    """An async client on the suite's Redis built like the services build theirs; deletes this test's keys."""
+    cfg = load(RouterConfig, {}, redis_url=redis_server.url, api_keys=("k",), key_prefix=prefix)
+    client = create_redis(cfg)
+    yield client
+    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        await client.delete(key)
+    await client.aclose()

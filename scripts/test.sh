@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (see setup.sh), then run the whole test suite: lint, types, and every pytest test against real
+# redis-server processes that the suite starts on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+exec .venv/bin/pytest "$@"
