@@ -64,7 +64,8 @@ class Gateway:
         self.draining = False
         self._stopped = False
         self._started_at = time.monotonic()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._reader_task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[object]] = set()
         self._recover_lock = asyncio.Lock()
         self._conn_counter = 0
@@ -125,10 +126,10 @@ class Gateway:
             await self.presence.reap(self.node_id)
             await self.reader.prepare()
         await self.heartbeat.beat(initial=True)
-        self._tasks = [
-            asyncio.create_task(self.heartbeat.run(), name="heartbeat"),
-            asyncio.create_task(self._supervise(self.reader.run, "inbound-reader"), name="inbound-reader"),
-        ]
+        self._heartbeat_task = asyncio.create_task(self.heartbeat.run(), name="heartbeat")
+        self._reader_task = asyncio.create_task(
+            self._supervise(self.reader.run, "inbound-reader"), name="inbound-reader"
+        )
         log.info(
             "gateway_started", node_id=self.node_id, routing=cfg.routing, redis=describe_target(cfg), port=cfg.port
         )
@@ -172,10 +173,11 @@ class Gateway:
             return
         self.draining = True
         log.info("gateway_draining", node_id=self.node_id, connections=len(self.hub))
+        # No more beats: a beat would put the node back in the registry.
+        await _cancel(self._heartbeat_task)
         with contextlib.suppress(StoreUnavailable):
-            async with self.metrics.redis_op("node_leave"):
-                await self.registry.leave(self.node_id)
-            await self.presence.reap(self.node_id)
+            await self.registry.leave(self.node_id)
+            await self.presence.reap(self.node_id, keep_stream=True)
         conns = list(self.hub.connections())
         window = self.cfg.drain_window_s
 
@@ -193,11 +195,10 @@ class Gateway:
             await asyncio.wait_for(self.drain(), timeout=self.cfg.shutdown_timeout_s)
         except TimeoutError:
             log.warning("drain_timed_out", node_id=self.node_id)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(self._heartbeat_task)
+        await _cancel(self._reader_task)
+        with contextlib.suppress(StoreUnavailable):
+            await self.presence.reap(self.node_id)  # now the stream too: nobody reads it any more
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=2.0)
         for client in (self._blocking, self._redis):
@@ -362,6 +363,13 @@ class Gateway:
         if conn.epoch is None:
             return
         await self.mailbox.ack(conn.user_id, conn.epoch, min(seq, conn.last_seq))
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class RateLimiter:

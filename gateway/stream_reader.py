@@ -116,10 +116,10 @@ class NodeStreamReader:
             except asyncio.CancelledError:
                 raise
             except redis_exceptions.ResponseError as e:
-                if "NOGROUP" not in str(e):
+                if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
                     raise
-                # The stream vanished while we live (Redis restarted empty): recreate it, reading from
-                # its start, and let the node re-register and resync its connections.
+                # The stream vanished while we live (Redis restarted empty, or a peer reaped us after a
+                # stall): recreate it, reading from its start, and let the node re-register and resync.
                 log.warning("node_stream_lost", node_id=self._node_id)
                 try:
                     await self.ensure_group(from_id="0")

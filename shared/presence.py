@@ -93,8 +93,9 @@ class RedisPresenceDirectory:
                         pipe.sadd(k.node_members(node_id), user_id)
                     await pipe.execute()
 
-    async def reap(self, node_id: str) -> int:
-        """Removes every entry of a dead (or restarting) node; returns how many users were touched."""
+    async def reap(self, node_id: str, *, keep_stream: bool = False) -> int:
+        """Removes every presence entry of a dead, restarting or draining node and its node keys; returns
+        how many users were touched. A draining node keeps its stream until its reader has stopped."""
         async with self._guard("presence_reap"):
             k = self._keys
             members = k.node_members(node_id)
@@ -110,9 +111,9 @@ class RedisPresenceDirectory:
                     touched += len(batch)
                 if cursor == 0:
                     break
+            doomed = [members, k.node_info(node_id)] + ([] if keep_stream else [k.node_stream(node_id)])
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.delete(members)
-                pipe.delete(k.node_stream(node_id))
-                pipe.delete(k.node_info(node_id))
+                for key in doomed:
+                    pipe.delete(key)
                 await pipe.execute()
             return touched

@@ -40,7 +40,6 @@ class CloseCode:
     """WebSocket close codes the gateway uses (RFC 6455 range and the 4000-4999 private range)."""
 
     NORMAL: Final = 1000
-    POLICY_VIOLATION: Final = 1008  # too many bad frames in a row (see README)
     MESSAGE_TOO_BIG: Final = 1009  # a frame over max_frame_bytes (closed by aiohttp)
     INTERNAL_ERROR: Final = 1011
     SERVICE_RESTART: Final = 1012  # the node is draining (SIGTERM): reconnect elsewhere
@@ -48,7 +47,6 @@ class CloseCode:
     DISCONNECTED_BY_ADMIN: Final = 4000  # DELETE /v1/users/{user}/connections
     TOKEN_EXPIRED: Final = 4001  # the token's exp passed while connected
     SLOW_CONSUMER: Final = 4008  # outbound buffer over its bound; missed messages wait in the mailbox
-    PING_TIMEOUT: Final = 4009  # no pong within the ping timeout (half-open TCP)
 
 
 class FrameCodec(Protocol):
