@@ -14,13 +14,14 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from shared.envelope import STREAM_FIELD
 from shared.keys import Keys
-from shared.redis import OpGuard, RedisClient, lua_source, untimed
+from shared.redis import OpGuard, RedisClient, is_cluster, lua_source, untimed
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,24 +79,28 @@ class Mailbox:
         return await self.append_each([(envelope, u) for u in user_ids])
 
     async def append_each(self, items: Sequence[tuple[bytes, str]]) -> list[Appended]:
-        """Appends many (envelope, user) pairs, each its own message, in one pipelined round trip."""
+        """Appends many (envelope, user) pairs, each its own message, in one pipelined round trip.
+
+        Redis Cluster clients cannot pipeline scripts (redis-py refuses EVALSHA in a cluster pipeline),
+        so there the appends run concurrently instead: still one round trip of latency per slot owner.
+        """
         k = self._keys
+
+        def call(envelope: bytes, user_id: str, client: Any = None) -> Awaitable[Any]:
+            return self._append(
+                keys=[k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id)],
+                args=[envelope, self._max_len, self._ttl_s],
+                client=client,
+            )
+
         async with self._guard("mailbox_append"):
-            if len(items) == 1:
-                envelope, user_id = items[0]
-                raw = await self._append(
-                    keys=[k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id)],
-                    args=[envelope, self._max_len, self._ttl_s],
-                )
-                return [self._appended(user_id, raw)]
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for envelope, user_id in items:
-                    await self._append(
-                        keys=[k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id)],
-                        args=[envelope, self._max_len, self._ttl_s],
-                        client=pipe,  # type: ignore[arg-type]  # redis-py's stubs omit pipelines
-                    )
-                raws = await pipe.execute()
+            if len(items) == 1 or is_cluster(self._redis):
+                raws = await asyncio.gather(*(call(envelope, user_id) for envelope, user_id in items))
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for envelope, user_id in items:
+                        await call(envelope, user_id, pipe)
+                    raws = await pipe.execute()
         return [self._appended(u, raw) for (_, u), raw in zip(items, raws, strict=True)]
 
     @staticmethod

@@ -62,6 +62,10 @@ def create_redis(cfg: CommonConfig, *, blocking_read_ms: int | None = None, max_
     return Redis.from_pool(pool)  # the client owns the pool: aclose() disconnects it
 
 
+def is_cluster(client: RedisClient) -> bool:
+    return isinstance(client, RedisCluster)
+
+
 def describe_target(cfg: CommonConfig) -> str:
     """Where Redis is, for logs, without credentials."""
     if cfg.redis_cluster:
