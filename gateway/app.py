@@ -157,6 +157,10 @@ class Gateway:
     async def recover(self) -> None:
         """Re-registers every local connection and resyncs each from its mailbox (Redis lost state)."""
         async with self._recover_lock:
+            # Order matters: the stream must exist before presence says "push here", and every
+            # connection is resynced after presence is back, so a message is either pushed or read.
+            async with self.metrics.redis_op("stream_ensure"):
+                await self.reader.ensure_stream()
             counts = self.hub.counts()
             await self.presence.restore(self.node_id, counts)
             for conn in list(self.hub.connections()):
@@ -362,7 +366,9 @@ class Gateway:
             raise InvalidRequest(ErrorCode.INVALID_FIELD, "seq must be a non-negative integer")
         if conn.epoch is None:
             return
-        await self.mailbox.ack(conn.user_id, conn.epoch, min(seq, conn.last_seq))
+        limit = conn.ack_limit(seq)
+        if limit > 0:
+            await self.mailbox.ack(conn.user_id, conn.epoch, limit)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

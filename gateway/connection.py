@@ -71,6 +71,7 @@ class Connection:
         self.subscriptions: set[str] = set()
         self.epoch: str | None = None
         self.last_seq = 0
+        self.first_filtered: int | None = None
         self.close_code: int | None = None
         self._transport = transport
         self._metrics = metrics
@@ -131,11 +132,20 @@ class Connection:
         if not self._syncing:
             self._start_sync()
 
+    def ack_limit(self, seq: int) -> int:
+        """The highest seq an ``ack`` from this connection may mark read: what it was sent, and never
+        past a message its subscriptions filtered out."""
+        limit = min(seq, self.last_seq)
+        if self.first_filtered is not None:
+            limit = min(limit, self.first_filtered - 1)
+        return limit
+
     def _adopt_epoch(self, epoch: str) -> None:
         # The user's sequence restarted (Redis lost it): the new one starts at 1.
         log.warning("epoch_changed", user_id=self.user_id, conn_id=self.conn_id, epoch=epoch)
         self.epoch = epoch
         self.last_seq = 0
+        self.first_filtered = None
         self._target = 0
         self._parked = {s: item for s, item in self._parked.items() if item[1].epoch == epoch}
 
@@ -208,7 +218,11 @@ class Connection:
     def _emit(self, envelope: Envelope, recipient: Recipient, path: str) -> None:
         self.last_seq = recipient.seq
         if self.subscriptions and envelope.channel not in self.subscriptions:
-            return  # stays unread for the user's other connections and in the mailbox
+            # Not delivered here, so it stays unread for the user's other connections: this
+            # connection's cumulative acks must stop below it (see ack_limit).
+            if self.first_filtered is None:
+                self.first_filtered = recipient.seq
+            return
         self.send_frame(message_frame(envelope, recipient), envelope.ts, path)
 
     # -- outbound -----------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Schedule is drift-free (beat k happens at ``start + k * interval``, sleeping ``m
 so a slow beat does not push the next one late. Cost per beat is constant (see ``NodeRegistry.beat``)
 whatever the number of connections.
 
-If a beat finds this node absent from the registry, Redis lost it (restart without persistence) or a
-peer reaped us after a stall: the node re-registers every connection and resyncs them from the mailbox.
+If a beat finds this node absent from the registry (Redis restarted without persistence, or a peer reaped
+it after a stall) or past its deadline (it stalled), the node re-registers every connection and resyncs
+them from the mailbox.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ class Heartbeat:
     async def beat(self, *, initial: bool = False) -> None:
         """One beat; raises StoreUnavailable when Redis is unreachable. The ``initial`` beat registers."""
         beat = await self._registry.beat(await self._info())
-        if beat.was_absent and not initial:
-            log.warning("node_registration_lost", node_id=self._node_id)
+        if beat.lapsed and not initial:
+            # Senders treated this node as dead for a while: messages for its users went to the
+            # mailbox only. Re-register and resync every connection so none of them waits for the
+            # next live push to fill that gap.
+            log.warning("node_registration_lapsed", node_id=self._node_id, absent=beat.was_absent)
             await self._on_lost()
         for dead in beat.dead_nodes:
             await self.reap(dead)

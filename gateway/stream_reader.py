@@ -17,7 +17,7 @@ from redis import exceptions as redis_exceptions
 
 from gateway.hub import ConnectionHub
 from shared.envelope import STREAM_FIELD, StreamEntry
-from shared.errors import EnvelopeDecodeError
+from shared.errors import EnvelopeDecodeError, StoreUnavailable
 from shared.keys import STREAM_GROUP, Keys
 from shared.logs import get_logger
 from shared.metrics import Metrics
@@ -51,6 +51,8 @@ class Backoff:
 
 class InboundReader(Protocol):
     async def prepare(self) -> None: ...
+
+    async def ensure_stream(self) -> None: ...
 
     async def run(self) -> None: ...
 
@@ -88,6 +90,10 @@ class NodeStreamReader:
         await self._redis.delete(self._stream)
         await self.ensure_group(from_id="$")
 
+    async def ensure_stream(self) -> None:
+        """Recreates the stream and group if Redis lost them, reading from the stream's start."""
+        await self.ensure_group(from_id="0")
+
     async def ensure_group(self, from_id: str) -> None:
         try:
             await self._redis.xgroup_create(self._stream, STREAM_GROUP, id=from_id, mkstream=True)
@@ -122,9 +128,8 @@ class NodeStreamReader:
                 # stall): recreate it, reading from its start, and let the node re-register and resync.
                 log.warning("node_stream_lost", node_id=self._node_id)
                 try:
-                    await self.ensure_group(from_id="0")
                     await self._on_stream_lost()
-                except UNAVAILABLE_ERRORS:
+                except (StoreUnavailable, *UNAVAILABLE_ERRORS):
                     await backoff.wait()
                 continue
             except UNAVAILABLE_ERRORS as e:
@@ -162,6 +167,9 @@ class BroadcastReader:
         self._timeout_s = block_ms / 1000
 
     async def prepare(self) -> None:
+        return None
+
+    async def ensure_stream(self) -> None:
         return None
 
     async def lag(self) -> int:

@@ -52,10 +52,19 @@ class RegistryView:
 
 @dataclass(frozen=True, slots=True)
 class Beat:
-    """What one heartbeat learned: whether the node had vanished from the registry, and dead peers."""
+    """What one heartbeat learned: whether senders saw this node as dead until now, and dead peers.
+
+    ``was_absent``: not registered (first beat, Redis lost it, or a peer reaped it).
+    ``was_expired``: registered but past its deadline (the node stalled for 2 intervals or more).
+    """
 
     was_absent: bool
+    was_expired: bool
     dead_nodes: tuple[str, ...]
+
+    @property
+    def lapsed(self) -> bool:
+        return self.was_absent or self.was_expired
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +138,8 @@ class NodeRegistry:
                 pipe.pexpire(k.node_members(node_id), self._key_ttl_ms)
                 await pipe.execute()
             dead = tuple(_text(n) for n in raw[2] if _text(n) != node_id)
-            return Beat(was_absent=bool(int(raw[0])), dead_nodes=dead)
+            lapse = int(raw[0])
+        return Beat(was_absent=lapse == 1, was_expired=lapse == 2, dead_nodes=dead)
 
     async def leave(self, node_id: str) -> None:
         """Removes the node from the registry at once (graceful stop)."""

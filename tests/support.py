@@ -410,3 +410,195 @@ def assert_exactly_once_in_order(seqs: list[int], expected: range | list[int]) -
     missing = sorted(set(expected) - set(seqs))
     assert not missing, f"missing {len(missing)}: {missing[:20]}"
     assert seqs == list(expected)
+
+
+class RedisClusterServer:
+    """A real local Redis Cluster: ``masters`` primaries, each with ``replicas`` replicas, on free ports."""
+
+    def __init__(self, masters: int = 3, replicas: int = 0) -> None:
+        self.masters = masters
+        self.replicas = replicas
+        self.servers = [
+            RedisServer(extra_args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
+            for _ in range(masters * (1 + replicas))
+        ]
+
+    @property
+    def seeds(self) -> str:
+        return ",".join(f"127.0.0.1:{s.port}" for s in self.servers[: self.masters])
+
+    def start(self) -> RedisClusterServer:
+        for server in self.servers:
+            server.extra_args = (*server.extra_args, "--cluster-config-file", os.path.join(server.dir, "nodes.conf"))
+            server.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed (it comes with Debian's redis-tools)")
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{s.port}" for s in self.servers],
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        wait_until(self.healthy, timeout=30, what="redis cluster state ok")
+        return self
+
+    def healthy(self) -> bool:
+        for server in self.servers:
+            try:
+                with server.client() as client:
+                    info = client.execute_command("CLUSTER", "INFO")
+            except redis.exceptions.RedisError:
+                return False
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            if "cluster_state:ok" not in text:
+                return False
+        return True
+
+    def cleanup(self) -> None:
+        for server in self.servers:
+            server.cleanup()
+
+
+class ResumingClient:
+    """A user's device that reconnects after any close, to the next gateway in turn, resuming with
+    ``since``/``epoch`` from the last message it saw: the client behaviour the delivery guarantee assumes.
+    It acks as it goes (cumulative) and records every message seq it ever received."""
+
+    def __init__(self, session: aiohttp.ClientSession, gateways: list[Service], user: str, start: int = 0) -> None:
+        self.session = session
+        self.gateways = gateways
+        self.user = user
+        self._turn = start
+        self.seqs: list[int] = []
+        self.epoch: str | None = None
+        self.closes: list[int | None] = []
+        self.reconnects = 0
+        self.current: Service | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            gateway = self.gateways[self._turn % len(self.gateways)]
+            self._turn += 1
+            if gateway.proc is None or gateway.proc.poll() is not None:
+                continue
+            params = {}
+            if self.epoch is not None and self.seqs:
+                params = {"since": str(self.seqs[-1]), "epoch": self.epoch}
+            try:
+                ws = await self.session.ws_connect(
+                    gateway.ws_url,
+                    params=params,
+                    headers={"Authorization": f"Bearer {token(self.user)}"},
+                    heartbeat=None,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5),
+                )
+            except (aiohttp.ClientError, OSError):
+                await asyncio.sleep(0.05)
+                continue
+            self.current = gateway
+            try:
+                await self._consume(ws)
+            finally:
+                self.closes.append(ws.close_code)
+                self.connected.clear()
+                self.reconnects += 1
+                await ws.close()
+
+    async def _consume(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        import json
+
+        unacked = 0
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            frame = json.loads(msg.data)
+            if frame["type"] == "welcome":
+                if self.epoch is not None and frame["epoch"] != self.epoch:
+                    raise AssertionError(f"{self.user}: epoch changed unexpectedly")
+                self.epoch = frame["epoch"]
+                self.connected.set()
+            elif frame["type"] == "message":
+                self.seqs.append(int(frame["seq"]))
+                unacked += 1
+                if unacked >= 20:
+                    await ws.send_json({"type": "ack", "seq": self.seqs[-1]})
+                    unacked = 0
+            if self._stop.is_set():
+                break
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+async def run_load(
+    session: aiohttp.ClientSession,
+    router: Service,
+    users: list[str],
+    *,
+    rate: float,
+    seconds: float,
+    batch: int = 20,
+) -> dict[str, int]:
+    """Sends ``rate`` msg/s for ``seconds`` (bounded: rate*seconds messages) through the router's batch
+    endpoint, receivers round-robin over ``users``; retries a batch on 503 with the same
+    Idempotency-Key so nothing is sent twice. Returns how many messages each user was sent."""
+    total = int(rate * seconds)
+    interval = batch / rate
+    sent: dict[str, int] = dict.fromkeys(users, 0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def post(messages: list[dict[str, Any]], key: str) -> None:
+        deadline = loop.time() + 30
+        while True:
+            try:
+                async with session.post(
+                    f"{router.base_url}/v1/messages/batch",
+                    json={"messages": messages},
+                    headers=api_headers(**{"Idempotency-Key": key}),
+                    timeout=aiohttp.ClientTimeout(total=10),
+                ) as r:
+                    if r.status == 202:
+                        return
+                    if r.status != 503:
+                        raise AssertionError(f"batch failed: {r.status} {await r.text()}")
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if loop.time() > deadline:
+                raise AssertionError("load batch not accepted within 30 s")
+            await asyncio.sleep(0.05)
+
+    for index in range(0, total, batch):
+        await asyncio.sleep(max(0.0, start + (index // batch) * interval - loop.time()))
+        messages = []
+        for i in range(index, min(total, index + batch)):
+            user = users[i % len(users)]
+            sent[user] += 1
+            messages.append({"to": user, "channel": "load", "payload": {"i": i}})
+        task = asyncio.create_task(post(messages, uuid.uuid4().hex))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+    return sent

@@ -5,10 +5,18 @@
 -- ARGV[1]  node id
 -- ARGV[2]  milliseconds until the node counts as dead (2 heartbeat intervals)
 --
--- Returns {was_absent (1 when the node was not registered: first beat, or Redis lost it, or it was
--- reaped as dead), now_ms, dead node ids (deadline passed) ...}.
+-- Returns {lapse, now_ms, dead node ids (deadline passed) ...} where lapse is 0 when the node was
+-- live, 1 when it was not registered (first beat, Redis lost it, or a peer reaped it) and 2 when its
+-- deadline had passed (it stalled): in both last cases senders treated it as dead for a while.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local added = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local previous = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local lapse = 0
+if not previous then
+  lapse = 1
+elseif tonumber(previous) < now then
+  lapse = 2
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 16)
-return {added, now, dead}
+return {lapse, now, dead}

@@ -10,7 +10,8 @@ from tests.support import Client, Cluster, api_send
 pytestmark = pytest.mark.redis
 
 
-async def test_router_send_reaches_user_on_gateway(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_router_send_reaches_user_on_gateway(any_cluster: Cluster, session: aiohttp.ClientSession) -> None:
+    cluster = any_cluster
     gw = cluster.gateway("g1")
     router = cluster.router()
     bob = await Client.connect(session, gw, "bob")
