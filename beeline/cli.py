@@ -1,11 +1,11 @@
 """``beeline``: one console script for every role.
 
-    beeline gateway [flags]    a gateway node (flags mirror BEELINE_* variables)
-    beeline router [flags]     the HTTP API
-    beeline token <user>       a development token signed with BEELINE_JWT_SECRET
-    beeline demo               Redis + two gateways + a router + a chat page, on this machine
-    beeline bench [flags]      the load generator behind docs/benchmarks.md
-    beeline --version
+beeline gateway [flags]    a gateway node (flags mirror BEELINE_* variables)
+beeline router [flags]     the HTTP API
+beeline token <user>       a development token signed with BEELINE_JWT_SECRET
+beeline demo               Redis + two gateways + a router + a chat page, on this machine
+beeline bench [flags]      the load generator behind docs/benchmarks.md
+beeline --version
 """
 
 from __future__ import annotations

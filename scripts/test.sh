@@ -3,7 +3,7 @@
 # redis-server processes that the suite starts on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+BEELINE_SETUP_TESTS=1 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

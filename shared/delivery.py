@@ -12,6 +12,7 @@ gateway drops any ``seq`` a connection has already had, so duplicates never reac
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from shared.envelope import STREAM_FIELD, Recipient, StreamEntry
 from shared.keys import Keys
-from shared.redis import OpGuard, RedisClient, untimed
+from shared.redis import OpGuard, RedisClient, is_cluster, untimed
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +106,16 @@ class BroadcastDelivery:
         self._guard = guard
 
     async def push(self, outgoing: Sequence[Outgoing]) -> list[set[str]]:
-        async with self._guard("broadcast_publish"), self._redis.pipeline(transaction=False) as pipe:
-            for out in outgoing:
-                pipe.publish(self._channel, StreamEntry(envelope=out.envelope, recipients=out.recipients).pack())
-            await pipe.execute()
+        entries = [StreamEntry(envelope=out.envelope, recipients=out.recipients).pack() for out in outgoing]
+        async with self._guard("broadcast_publish"):
+            if is_cluster(self._redis):
+                # A cluster pipeline cannot route keyless PUBLISH; the cluster bus fans it out anyway.
+                await asyncio.gather(*(self._redis.publish(self._channel, entry) for entry in entries))
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for entry in entries:
+                        pipe.publish(self._channel, entry)
+                    await pipe.execute()
         return [set() for _ in outgoing]
 
     async def disconnect(self, user_id: str, node_ids: Sequence[str]) -> None:

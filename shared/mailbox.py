@@ -15,7 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +24,21 @@ from shared.keys import Keys
 from shared.redis import OpGuard, RedisClient, is_cluster, lua_source, untimed
 
 
+MailboxObserver = Callable[[int, int, int], None]
+"""Called with ``(length, trimmed, cap)`` after each append (metrics: fill ratio and trims)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Appended:
-    """Result of one append: the assigned seq and epoch, and node_id -> connections of the receiver."""
+    """Result of one append: the assigned seq and epoch, node_id -> connections of the receiver, and
+    the mailbox's length after it with how many old entries the cap trimmed."""
 
     user_id: str
     seq: int
     epoch: str
     presence: dict[str, int]
+    length: int = 0
+    trimmed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +71,18 @@ def _stored(entry_id: Any, fields: Any) -> StoredMessage:
 class Mailbox:
     """Redis-backed per-user sequences and mailboxes (see module docstring for the invariants)."""
 
-    def __init__(self, redis: RedisClient, keys: Keys, *, max_len: int, ttl_s: int, guard: OpGuard = untimed) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        keys: Keys,
+        *,
+        max_len: int,
+        ttl_s: int,
+        guard: OpGuard = untimed,
+        observe: MailboxObserver | None = None,
+    ) -> None:
         self._redis = redis
+        self._observe = observe
         self._guard = guard
         self._keys = keys
         self._max_len = max_len
@@ -101,11 +118,22 @@ class Mailbox:
                     for envelope, user_id in items:
                         await call(envelope, user_id, pipe)
                     raws = await pipe.execute()
-        return [self._appended(u, raw) for (_, u), raw in zip(items, raws, strict=True)]
+        appended = [self._appended(u, raw) for (_, u), raw in zip(items, raws, strict=True)]
+        if self._observe is not None:
+            for item in appended:
+                self._observe(item.length, item.trimmed, self._max_len)
+        return appended
 
     @staticmethod
     def _appended(user_id: str, raw: Sequence[Any]) -> Appended:
-        return Appended(user_id=user_id, seq=int(raw[0]), epoch=_text(raw[1]), presence=_pairs_to_counts(raw[2]))
+        return Appended(
+            user_id=user_id,
+            seq=int(raw[0]),
+            epoch=_text(raw[1]),
+            presence=_pairs_to_counts(raw[2]),
+            length=int(raw[3]),
+            trimmed=int(raw[4]),
+        )
 
     async def open(self, user_id: str) -> SequenceState:
         """The user's sequence state, creating the epoch if the user has none yet."""

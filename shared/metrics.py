@@ -1,9 +1,15 @@
 """Prometheus metrics, one :class:`Metrics` object per service built on an injected registry.
 
 Never module-level collectors: tests build many apps in one process. Names follow Prometheus
-conventions (``beeline_`` namespace, base units, ``_total`` / ``_seconds``); labels are bounded (path,
-outcome, op, code, reason, node): never a user id, connection id or message id. The names are the
-contract with ``grafana/``; rename in both places.
+conventions (``beeline_`` namespace, base units, ``_total`` / ``_seconds`` / ``_ratio`` / ``_entries``);
+labels are bounded (service, node, path, outcome, op, code, reason, route, status): never a user id,
+connection id or message id. The names are the contract with ``grafana/`` (dashboard and alert rules);
+rename in both places (``tests/observability`` checks that every name the dashboard uses exists).
+
+The delivery latency is end to end: the accept timestamp travels in the envelope (``Envelope.ts``) and
+the gateway observes ``now - ts`` right after the frame was written to the receiving socket, so it
+includes the Redis hops, the node stream, the outbound queue and, on the ``mailbox`` path, the time
+the message waited for an offline receiver. It compares two hosts' clocks: keep them NTP-synced.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from shared import __version__
 from shared.errors import StoreUnavailable
+from shared.protocol import ErrorCode
 from shared.redis import store_errors
 
 CONTENT_TYPE_LATEST: Final = _CONTENT_TYPE
@@ -41,7 +48,42 @@ LATENCY_BUCKETS: Final = (
     10.0,
     30.0,
 )
+"""Delivery latency: sub-millisecond (the local path) up to the seconds a mailbox catch-up can take."""
 REDIS_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+FILL_BUCKETS: Final = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+"""Mailbox fill ratio (length / cap) after an append: the alert on a mailbox near its cap reads le="0.9"."""
+
+PATHS: Final = ("local", "routed", "mailbox")
+"""Delivery paths: the sender's own node, another node's stream (or broadcast), the mailbox (catch-up/gap)."""
+OUTCOMES: Final = {
+    "gateway": ("local", "routed", "stored", "dropped", "error"),
+    "router": ("routed", "stored", "error"),
+}
+"""Message outcomes per service, pre-created at 0 so that a rate() over them has data from the first scrape."""
+REJECTION_CODES: Final = {
+    "gateway": (
+        ErrorCode.BAD_FRAME,
+        ErrorCode.WRONG_FRAME_KIND,
+        ErrorCode.UNKNOWN_TYPE,
+        ErrorCode.INVALID_FIELD,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        ErrorCode.TOO_MANY_RECEIVERS,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.INTERNAL,
+        "unauthorized",
+        "over_capacity",
+    ),
+    "router": (
+        "unauthorized",
+        "bad_json",
+        ErrorCode.INVALID_FIELD,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        ErrorCode.TOO_MANY_RECEIVERS,
+    ),
+}
+"""Known rejection codes, pre-created at 0 (a series born at its first increment shows no rate for it)."""
+DISCONNECT_REASONS: Final = ("client", "slow_consumer", "drain", "admin", "token_expired", "unavailable")
 
 
 class Metrics:
@@ -90,11 +132,30 @@ class Metrics:
         self.stream_lag = Gauge(
             f"{ns}_gateway_stream_lag_entries", "Entries in the node stream not yet read.", ["node"], registry=registry
         )
+        self.stream_length = Gauge(
+            f"{ns}_gateway_stream_length_entries",
+            "Entries held in the node stream (read or not; capped at BEELINE_STREAM_MAXLEN).",
+            ["node"],
+            registry=registry,
+        )
         self.stream_entries = Counter(
             f"{ns}_gateway_stream_entries_total", "Node-stream entries consumed.", ["node"], registry=registry
         )
         self.mailbox_appends = Counter(
             f"{ns}_mailbox_appends_total", "Messages appended to user mailboxes.", ["service"], registry=registry
+        )
+        self.mailbox_trims = Counter(
+            f"{ns}_mailbox_trims_total",
+            "Oldest mailbox entries dropped to keep a mailbox at its cap (BEELINE_MAILBOX_MAX).",
+            ["service"],
+            registry=registry,
+        )
+        self.mailbox_fill = Histogram(
+            f"{ns}_mailbox_fill_ratio",
+            "Mailbox length / cap after each append (1.0: full, the next append trims the oldest).",
+            ["service"],
+            buckets=FILL_BUCKETS,
+            registry=registry,
         )
         self.mailbox_reads = Counter(
             f"{ns}_gateway_mailbox_reads_total",
@@ -135,6 +196,33 @@ class Metrics:
             registry=registry,
         )
         self.info.labels(service=service, version=_version(), node=node).set(1)
+        self._precreate()
+
+    def _precreate(self) -> None:
+        # Children for every known label value start at 0: a panel or alert over them has data (a
+        # rate of 0) from the first scrape instead of "no data" until the first event.
+        service = self.service
+        for outcome in OUTCOMES.get(service, ()):
+            self.messages.labels(service, outcome)
+        self.mailbox_appends.labels(service)
+        self.mailbox_trims.labels(service)
+        self.mailbox_fill.labels(service)
+        for code in REJECTION_CODES.get(service, ()):
+            self.rejections.labels(service, code)
+        if service != "gateway":
+            return
+        node = self.node
+        for path in PATHS:
+            self.delivery_latency.labels(node, path)
+            self.deliveries.labels(node, path)
+        for gauge in (self.connections, self.presence_users, self.stream_lag, self.stream_length):
+            gauge.labels(node).set(0)
+        self.connects.labels(node)
+        for reason in DISCONNECT_REASONS:
+            self.disconnects.labels(node, reason)
+        self.stream_entries.labels(node)
+        self.mailbox_reads.labels(node, "sync")
+        self.slow_closes.labels(node)
 
     @asynccontextmanager
     async def redis_op(self, op: str) -> AsyncIterator[None]:
@@ -151,6 +239,16 @@ class Metrics:
 
     def reject(self, code: str) -> None:
         self.rejections.labels(self.service, code).inc()
+
+    def observe_mailbox(self, length: int, trimmed: int, cap: int) -> None:
+        """One append: how full that mailbox is now, and how many old entries the cap pushed out."""
+        self.mailbox_fill.labels(self.service).observe(length / cap if cap > 0 else 0.0)
+        if trimmed > 0:
+            self.mailbox_trims.labels(self.service).inc(trimmed)
+
+    def send_failed(self, receivers: int) -> None:
+        """A send that stored nothing (Redis unavailable): every receiver counts as outcome ``error``."""
+        self.messages.labels(self.service, "error").inc(receivers)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

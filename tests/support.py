@@ -38,6 +38,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port() -> int:
+    """A free port <= 55535 whose cluster bus port (+10000) is free too, as Redis Cluster requires."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> None:
     """Polls ``predicate`` until it is true; fails the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -419,7 +439,9 @@ class RedisClusterServer:
         self.masters = masters
         self.replicas = replicas
         self.servers = [
-            RedisServer(extra_args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"))
+            RedisServer(
+                port=free_cluster_port(), extra_args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+            )
             for _ in range(masters * (1 + replicas))
         ]
 

@@ -8,7 +8,7 @@
 -- ARGV[2]  mailbox cap (exact MAXLEN: small caps must hold exactly)
 -- ARGV[3]  mailbox / meta TTL in seconds
 --
--- Returns {seq, epoch, {node, count, node, count, ...}}.
+-- Returns {seq, epoch, {node, count, node, count, ...}, mailbox length, entries trimmed by the cap}.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   -- The sequence is new or was lost (Redis restarted without persistence, or the TTL passed): start a
@@ -19,8 +19,10 @@ if not epoch then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0, 'acked', 0)
 end
+local before = redis.call('XLEN', KEYS[2])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'd', ARGV[1])
+local length = redis.call('XLEN', KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-return {seq, epoch, redis.call('HGETALL', KEYS[3])}
+return {seq, epoch, redis.call('HGETALL', KEYS[3]), length, before + 1 - length}

@@ -27,6 +27,12 @@ MODES = ("routed", "broadcast")
 # -- helpers (local to this module) -------------------------------------------------------------------
 
 
+@pytest.fixture
+def cluster(any_cluster: Cluster) -> Cluster:
+    """Every delivery test runs against a standalone Redis and against a real 3-master Redis Cluster."""
+    return any_cluster
+
+
 @pytest.fixture(params=MODES)
 def mode(request: pytest.FixtureRequest, cluster: Cluster) -> str:
     """The routing mode every service of this test's cluster runs in."""
@@ -37,7 +43,12 @@ def mode(request: pytest.FixtureRequest, cluster: Cluster) -> str:
 @pytest.fixture
 async def rdb(cluster: Cluster) -> AsyncIterator[aioredis.Redis]:
     """A redis-py client on the test Redis, to look at what the services stored."""
-    client = aioredis.Redis.from_url(cluster.redis_url)
+    seeds = cluster.base_env.get("BEELINE_REDIS_CLUSTER")
+    if seeds:
+        host, port = seeds.split(",")[0].split(":")
+        client: Any = aioredis.RedisCluster(host=host, port=int(port))
+    else:
+        client = aioredis.Redis.from_url(cluster.redis_url)
     yield client
     await client.aclose()
 
