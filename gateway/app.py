@@ -59,7 +59,7 @@ class Gateway:
         self.node_id = cfg.node_id
         self.metrics = Metrics(registry or CollectorRegistry(), service="gateway", node=cfg.node_id)
         self.hub = ConnectionHub(self.metrics)
-        self.verifier = TokenVerifier(secret=cfg.jwt_secret, public_key=cfg.jwt_public_key)
+        self.verifier = TokenVerifier(secret=cfg.jwt_secret, public_key=cfg.jwt_public_key, audience=cfg.jwt_audience)
         self.keys = Keys(cfg.key_prefix)
         self.draining = False
         self._stopped = False

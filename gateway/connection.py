@@ -154,10 +154,13 @@ class Connection:
         self._sync_task = asyncio.create_task(self._sync(), name=f"ws-sync-{self.conn_id}")
 
     async def _sync(self) -> None:
+        failed = False
         try:
             await self._sync_until_caught_up()
         except StoreUnavailable:
-            # The parked items stay; the next live item or the reconnect after Redis returns retries.
+            # The parked items stay; the next live item, or the node's resync once Redis is back,
+            # retries. Restarting here would spin against a Redis that is down.
+            failed = True
             log.warning("mailbox_read_failed", user_id=self.user_id, conn_id=self.conn_id)
         except asyncio.CancelledError:
             raise
@@ -167,18 +170,16 @@ class Connection:
         finally:
             self._syncing = False
             self._sync_task = None
-        # Items parked after the last mailbox read but not contiguous restart a sync.
-        if self._parked and self.close_code is None and self.epoch is not None:
-            self._drain_parked()
-            if self._parked:
-                self._start_sync()
+        # Items parked after the sync's last look (or left by a failed read) restart it.
+        if self._parked and not failed and self.close_code is None and self.epoch is not None:
+            self._start_sync()
 
     async def _sync_until_caught_up(self) -> None:
         while self.close_code is None and self.epoch is not None:
-            self._drain_parked()
+            if not await self._drain_parked_paced():
+                return
             if self.last_seq >= self._target:
                 return
-            await self._room.wait()
             epoch = self.epoch
             page = await self._read_mailbox(self.user_id, self.last_seq, CATCHUP_PAGE)
             if epoch != self.epoch:
@@ -192,6 +193,10 @@ class Connection:
                 self._target = self.last_seq
                 return
             for stored in page:
+                # Paced per frame, not per page: a page can be larger than the outbound bound, and
+                # catch-up must stream at the reader's pace rather than trip the slow-consumer close.
+                if not await self._wait_for_room(epoch):
+                    break
                 if stored.seq <= self.last_seq:
                     continue
                 try:
@@ -205,15 +210,27 @@ class Connection:
                 self._emit(envelope, Recipient(self.user_id, stored.seq, epoch), "mailbox")
             self._target = max(self._target, self.last_seq)
 
-    def _drain_parked(self) -> None:
-        for seq in sorted(self._parked):
+    async def _wait_for_room(self, epoch: str | None) -> bool:
+        """Waits until the outbound queue has room; False if the connection closed or the epoch moved."""
+        await self._room.wait()
+        return self.close_code is None and self.epoch == epoch
+
+    async def _drain_parked_paced(self) -> bool:
+        """Emits parked items that are next in order, pacing like catch-up; False if we must stop."""
+        epoch = self.epoch
+        while self._parked:
+            seq = min(self._parked)
             if seq <= self.last_seq:
                 del self._parked[seq]
-            elif seq == self.last_seq + 1:
-                envelope, recipient, path = self._parked.pop(seq)
-                self._emit(envelope, recipient, path)
-            else:
+                continue
+            if seq != self.last_seq + 1:
                 break
+            if not await self._wait_for_room(epoch):
+                return False
+            if self.last_seq + 1 in self._parked:
+                envelope, recipient, path = self._parked.pop(self.last_seq + 1)
+                self._emit(envelope, recipient, path)
+        return True
 
     def _emit(self, envelope: Envelope, recipient: Recipient, path: str) -> None:
         self.last_seq = recipient.seq

@@ -15,12 +15,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, StoreUnavailable
 from shared.keys import Keys
+from shared.logs import get_logger
 from shared.metrics import Metrics
 from shared.redis import RedisClient
 
+log = get_logger("beeline.router.idempotency")
+
 PENDING: Final = b"pending:"
+PENDING_TTL_S: Final = 60
+"""How long a claim lives before the result is stored: if storing the result fails after a successful
+send, the claim expires and a later retry sends again (at-least-once), instead of a 409 for the window."""
 WAIT_FOR_FIRST_S: Final = 10.0
 MAX_KEY_LEN: Final = 255
 
@@ -49,7 +55,7 @@ class IdempotencyStore:
         digest = hashlib.sha256(body).hexdigest()[:32].encode()
         name = self._keys.idempotency(scope, key)
         async with self._metrics.redis_op("idempotency_claim"):
-            claimed = await self._redis.set(name, PENDING + digest, nx=True, ex=self._window_s)
+            claimed = await self._redis.set(name, PENDING + digest, nx=True, ex=min(self._window_s, PENDING_TTL_S))
         if claimed:
             try:
                 response = await send()
@@ -58,8 +64,12 @@ class IdempotencyStore:
                     await self._redis.delete(name)
                 raise
             stored = digest + b":" + json.dumps(response, separators=(",", ":")).encode()
-            async with self._metrics.redis_op("idempotency_store"):
-                await self._redis.set(name, stored, ex=self._window_s)
+            try:
+                async with self._metrics.redis_op("idempotency_store"):
+                    await self._redis.set(name, stored, ex=self._window_s)
+            except StoreUnavailable:
+                # The message was accepted: answer with it rather than a 503 that invites a resend.
+                log.warning("idempotency_store_failed", scope=scope)
             return response, False
         return await self._replay(name, digest), True
 

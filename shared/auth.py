@@ -32,7 +32,7 @@ class Identity:
 class TokenVerifier:
     """Verifies client tokens; never logs them."""
 
-    def __init__(self, *, secret: str = "", public_key: str = "") -> None:
+    def __init__(self, *, secret: str = "", public_key: str = "", audience: str = "") -> None:
         if public_key.startswith("@"):
             public_key = Path(public_key[1:]).read_text(encoding="utf-8")
         self._keys: list[tuple[str | bytes, str]] = []
@@ -42,13 +42,21 @@ class TokenVerifier:
             self._keys.append((secret, "HS256"))
         if not self._keys:
             raise AuthError("no token secret or public key configured")
+        # Without a configured audience, any token signed with our key is accepted whatever its `aud`
+        # (SPEC: "any HS256 token signed with the secret"); with one, `aud` must name it.
+        self._audience = audience or None
 
     def verify(self, token: str) -> Identity:
         last: Exception | None = None
         for key, algorithm in self._keys:
             try:
                 claims = jwt.decode(
-                    token, key, algorithms=[algorithm], options={"require": ["sub", "exp"]}, leeway=LEEWAY_S
+                    token,
+                    key,
+                    algorithms=[algorithm],
+                    audience=self._audience,
+                    options={"require": ["sub", "exp"], "verify_aud": self._audience is not None},
+                    leeway=LEEWAY_S,
                 )
             except jwt.ExpiredSignatureError as e:
                 raise AuthError("token expired") from e

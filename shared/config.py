@@ -92,6 +92,7 @@ class GatewayConfig(CommonConfig):
     node_id: str = _setting("", "BEELINE_NODE_ID", "gateway node id (default: the hostname)")
     jwt_secret: str = _setting("", "BEELINE_JWT_SECRET", "HS256 secret for client tokens")
     jwt_public_key: str = _setting("", "BEELINE_JWT_PUBLIC_KEY", "PEM public key (or @path) for RS256 tokens")
+    jwt_audience: str = _setting("", "BEELINE_JWT_AUDIENCE", "required token `aud` (unset: any aud accepted)")
     max_frame_bytes: int = _setting(128 * 1024, "BEELINE_MAX_FRAME_BYTES", "largest inbound client frame")
     outbound_max_frames: int = _setting(1024, "BEELINE_OUTBOUND_MAX_FRAMES", "queued frames per connection")
     outbound_max_bytes: int = _setting(
