@@ -33,18 +33,16 @@ from gateway.hub import ConnectionHub
 from gateway.stream_reader import BroadcastReader, InboundReader, NodeStreamReader
 from shared.auth import Identity, TokenVerifier, bearer
 from shared.config import GatewayConfig
-from shared.delivery import create_delivery
 from shared.envelope import Envelope
 from shared.errors import AuthError, InvalidRequest, StoreUnavailable
 from shared.keys import Keys
 from shared.logs import get_logger
-from shared.mailbox import Mailbox
 from shared.metrics import CONTENT_TYPE_LATEST, Metrics
-from shared.nodes import NodeInfo, NodeRegistry
-from shared.presence import RedisPresenceDirectory
+from shared.nodes import NodeInfo
 from shared.protocol import SUBPROTOCOLS, CloseCode, ErrorCode, codec_for, error_frame, parse_send
 from shared.redis import RedisClient, create_redis, describe_target
 from shared.routing import Message, Sender
+from shared.store import Store
 
 log = get_logger("beeline.gateway")
 
@@ -69,32 +67,20 @@ class Gateway:
         self._handlers: set[asyncio.Task[object]] = set()
         self._recover_lock = asyncio.Lock()
         self._conn_counter = 0
-        self._redis: RedisClient | None = None
+        self._store: Store | None = None
         self._blocking: RedisClient | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
-        guard = self.metrics.redis_op
-        self._redis = redis = create_redis(cfg)
+        self._store = store = Store.open(cfg, self.keys, self.metrics)
+        redis = store.redis
         self._blocking = blocking = create_redis(cfg, blocking_read_ms=cfg.stream_block_ms, max_connections=4)
-        self.mailbox = Mailbox(
-            redis,
-            self.keys,
-            max_len=cfg.mailbox_max,
-            ttl_s=cfg.mailbox_ttl_s,
-            guard=guard,
-            observe=self.metrics.observe_mailbox,
-        )
-        self.presence = RedisPresenceDirectory(redis, self.keys, guard=guard)
-        self.registry = NodeRegistry(
-            redis, self.keys, dead_after_s=cfg.node_dead_after_s, key_ttl_s=cfg.node_key_ttl_s, guard=guard
-        )
-        delivery = create_delivery(cfg.routing, redis, self.keys, stream_maxlen=cfg.stream_maxlen, guard=guard)
+        self.mailbox, self.presence, self.registry = store.mailbox, store.presence, store.nodes
         self.sender = Sender(
             self.mailbox,
             self.registry,
-            delivery,
+            store.delivery,
             max_payload_bytes=cfg.max_payload_bytes,
             local_node=self.node_id,
             local_handoff=self.hub.handoff,
@@ -159,11 +145,11 @@ class Gateway:
         with contextlib.suppress(Exception):
             lag = await self.reader.lag()
         self.metrics.stream_lag.labels(self.node_id).set(lag)
-        if self._redis is not None:
+        if self._store is not None:
             # One O(1) XLEN per beat: the heartbeat's cost stays constant per node.
             with contextlib.suppress(StoreUnavailable):
                 async with self.metrics.redis_op("stream_length"):
-                    length = await self._redis.xlen(self.keys.node_stream(self.node_id))
+                    length = await self._store.redis.xlen(self.keys.node_stream(self.node_id))
                 self.metrics.stream_length.labels(self.node_id).set(length)
         return NodeInfo(node_id=self.node_id, connections=len(self.hub), stream_lag=lag, draining=self.draining)
 
@@ -218,9 +204,10 @@ class Gateway:
             await self.presence.reap(self.node_id)  # now the stream too: nobody reads it any more
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=2.0)
-        for client in (self._blocking, self._redis):
-            if client is not None:
-                await client.aclose()
+        if self._blocking is not None:
+            await self._blocking.aclose()
+        if self._store is not None:
+            await self._store.aclose()
         log.info("gateway_stopped", node_id=self.node_id)
 
     # -- connections -------------------------------------------------------------------------------

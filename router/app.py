@@ -17,16 +17,13 @@ from prometheus_client import CollectorRegistry
 from router.idempotency import IdempotencyStore
 from shared.auth import ApiKeys, bearer
 from shared.config import RouterConfig
-from shared.delivery import Delivery, create_delivery
 from shared.errors import AuthError, InvalidRequest, StoreUnavailable
 from shared.keys import Keys
 from shared.logs import get_logger
-from shared.mailbox import Mailbox
 from shared.metrics import Metrics
-from shared.nodes import NodeRegistry
-from shared.presence import RedisPresenceDirectory
-from shared.redis import RedisClient, create_redis, describe_target
+from shared.redis import describe_target
 from shared.routing import Sender
+from shared.store import Store
 
 log = get_logger("beeline.router")
 
@@ -42,23 +39,18 @@ class Router:
         self.keys = Keys(cfg.key_prefix)
         self.metrics = Metrics(registry or CollectorRegistry(), service="router")
         self.api_keys = ApiKeys(cfg.api_keys)
-        self._redis: RedisClient | None = None
+        self._store: Store | None = None
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
-        guard = self.metrics.redis_op
-        self._redis = redis = create_redis(cfg)
-        self.mailbox = Mailbox(redis, self.keys, max_len=cfg.mailbox_max, ttl_s=cfg.mailbox_ttl_s, guard=guard)
-        self.presence = RedisPresenceDirectory(redis, self.keys, guard=guard)
-        self.nodes = NodeRegistry(
-            redis, self.keys, dead_after_s=cfg.node_dead_after_s, key_ttl_s=cfg.node_key_ttl_s, guard=guard
-        )
-        self.delivery: Delivery = create_delivery(
-            cfg.routing, redis, self.keys, stream_maxlen=cfg.stream_maxlen, guard=guard
-        )
+        self._store = store = Store.open(cfg, self.keys, self.metrics)
+        self.mailbox = store.mailbox
+        self.presence = store.presence
+        self.nodes = store.nodes
+        self.delivery = store.delivery
         self.sender = Sender(self.mailbox, self.nodes, self.delivery, max_payload_bytes=cfg.max_payload_bytes)
-        self.idempotency = IdempotencyStore(redis, self.keys, self.metrics, window_s=cfg.idempotency_window_s)
+        self.idempotency = IdempotencyStore(store.redis, self.keys, self.metrics, window_s=cfg.idempotency_window_s)
         self._refresher = asyncio.create_task(self._refresh_nodes(), name="node-registry-refresh")
         log.info("router_started", routing=cfg.routing, redis=describe_target(cfg), port=cfg.port)
 
@@ -76,9 +68,9 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
             self._refresher = None
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        if self._store is not None:
+            await self._store.aclose()
+            self._store = None
         log.info("router_stopped")
 
 

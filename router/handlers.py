@@ -35,6 +35,17 @@ def _count(router: Router, results: list[list[SendResult]]) -> None:
             router.metrics.messages.labels("router", result.status).inc()
 
 
+async def _send(router: Router, messages: list[Message]) -> list[list[SendResult]]:
+    """Sends and counts outcomes; a send that stored nothing counts each receiver as ``error``."""
+    try:
+        results = await router.sender.send(messages)
+    except StoreUnavailable:
+        router.metrics.send_failed(sum(len(m.to) for m in messages))
+        raise
+    _count(router, results)
+    return results
+
+
 def _message_result(message: Message, results: list[SendResult]) -> dict[str, Any]:
     return {"id": message.envelope.msg_id, "results": [r.as_json() for r in results]}
 
@@ -58,8 +69,7 @@ async def send_message(request: web.Request) -> web.Response:
     message = _message(router, await read_json(request))
 
     async def make() -> dict[str, Any]:
-        [results] = await router.sender.send([message])
-        _count(router, [results])
+        [results] = await _send(router, [message])
         return _message_result(message, results)
 
     return await _idempotent(request, raw, make)
@@ -91,8 +101,7 @@ async def send_batch(request: web.Request) -> web.Response:
         router.sender.pack(message.envelope)  # size check before anything is stored
 
     async def make() -> dict[str, Any]:
-        results = await router.sender.send(messages)
-        _count(router, results)
+        results = await _send(router, messages)
         out = []
         for message, per_message in zip(messages, results, strict=True):
             item = _message_result(message, per_message)

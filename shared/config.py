@@ -58,6 +58,10 @@ class CommonConfig:
     max_payload_bytes: int = _setting(64 * 1024, "BEELINE_MAX_PAYLOAD_BYTES", "largest packed message")
     max_receivers: int = _setting(1000, "BEELINE_MAX_RECEIVERS", "receivers per send")
     redis_timeout_s: float = _setting(2.0, "BEELINE_REDIS_TIMEOUT_SECONDS", "Redis command timeout")
+    durable_replicas: int = _setting(
+        0, "BEELINE_DURABLE_REPLICAS", "replicas that must acknowledge each mailbox append (WAIT); 0: off"
+    )
+    durable_timeout_ms: int = _setting(200, "BEELINE_DURABLE_TIMEOUT_MS", "how long a send waits for them")
     stream_maxlen: int = _setting(100_000, "BEELINE_STREAM_MAXLEN", "approximate cap of each node stream")
 
     @property
@@ -79,6 +83,10 @@ class CommonConfig:
             raise ConfigError("BEELINE_LOG_LEVEL must be debug, info, warning or error")
         if self.mailbox_max < 1 or self.mailbox_ttl_s < 1:
             raise ConfigError("BEELINE_MAILBOX_MAX and BEELINE_MAILBOX_TTL_SECONDS must be >= 1")
+        if self.durable_replicas < 0 or self.durable_timeout_ms < 1:
+            raise ConfigError("BEELINE_DURABLE_REPLICAS must be >= 0 and BEELINE_DURABLE_TIMEOUT_MS >= 1")
+        if self.durable_timeout_ms >= self.redis_timeout_s * 1000:
+            raise ConfigError("BEELINE_DURABLE_TIMEOUT_MS must be below the Redis command timeout")
         if self.redis_timeout_s <= 0:
             raise ConfigError("BEELINE_REDIS_TIMEOUT_SECONDS must be > 0")
         if not 0 <= self.port < 65536:

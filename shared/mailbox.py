@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from shared.durability import DurableWriter
 from shared.envelope import STREAM_FIELD
 from shared.keys import Keys
 from shared.redis import OpGuard, RedisClient, is_cluster, lua_source, untimed
-
 
 MailboxObserver = Callable[[int, int, int], None]
 """Called with ``(length, trimmed, cap)`` after each append (metrics: fill ratio and trims)."""
@@ -80,8 +81,10 @@ class Mailbox:
         ttl_s: int,
         guard: OpGuard = untimed,
         observe: MailboxObserver | None = None,
+        durable: DurableWriter | None = None,
     ) -> None:
         self._redis = redis
+        self._durable = durable
         self._observe = observe
         self._guard = guard
         self._keys = keys
@@ -111,7 +114,9 @@ class Mailbox:
             )
 
         async with self._guard("mailbox_append"):
-            if len(items) == 1 or is_cluster(self._redis):
+            if self._durable is not None:
+                raws = await self._durable.run([(k.user_meta(u), partial(call, envelope, u)) for envelope, u in items])
+            elif len(items) == 1 or is_cluster(self._redis):
                 raws = await asyncio.gather(*(call(envelope, user_id) for envelope, user_id in items))
             else:
                 async with self._redis.pipeline(transaction=False) as pipe:

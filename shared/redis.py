@@ -62,6 +62,18 @@ def create_redis(cfg: CommonConfig, *, blocking_read_ms: int | None = None, max_
     return Redis.from_pool(pool)  # the client owns the pool: aclose() disconnects it
 
 
+def create_standalone(cfg: CommonConfig, *, host: str, port: int, max_connections: int = 64) -> Redis:
+    """A standalone client to one server of ``cfg``'s deployment (e.g. a cluster primary), same options."""
+    pool = BlockingConnectionPool(
+        host=host,
+        port=port,
+        max_connections=max_connections,
+        timeout=cfg.redis_timeout_s,
+        **_common_options(cfg, cfg.redis_timeout_s),
+    )
+    return Redis.from_pool(pool)
+
+
 def is_cluster(client: RedisClient) -> bool:
     return isinstance(client, RedisCluster)
 

@@ -1,0 +1,63 @@
+"""The Redis-backed components both services build from one config: mailbox, presence directory,
+node registry and delivery transport, on one command client (plus the durable-write primaries when
+``BEELINE_DURABLE_REPLICAS`` is set). Built in :meth:`Store.open`, closed by :meth:`Store.aclose`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.config import CommonConfig
+from shared.delivery import Delivery, create_delivery
+from shared.durability import DurableWriter
+from shared.keys import Keys
+from shared.mailbox import Mailbox
+from shared.metrics import Metrics
+from shared.nodes import NodeRegistry
+from shared.presence import RedisPresenceDirectory
+from shared.redis import RedisClient, create_redis
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Everything a service reads and writes in Redis, sharing one client and one metrics guard."""
+
+    redis: RedisClient
+    mailbox: Mailbox
+    presence: RedisPresenceDirectory
+    nodes: NodeRegistry
+    delivery: Delivery
+    durable: DurableWriter | None
+
+    @classmethod
+    def open(cls, cfg: CommonConfig, keys: Keys, metrics: Metrics) -> Store:
+        """Builds the components; no I/O happens until they are used."""
+        guard = metrics.redis_op
+        redis = create_redis(cfg)
+        durable = (
+            DurableWriter(redis, cfg, replicas=cfg.durable_replicas, timeout_ms=cfg.durable_timeout_ms)
+            if cfg.durable_replicas
+            else None
+        )
+        return cls(
+            redis=redis,
+            mailbox=Mailbox(
+                redis,
+                keys,
+                max_len=cfg.mailbox_max,
+                ttl_s=cfg.mailbox_ttl_s,
+                guard=guard,
+                observe=metrics.observe_mailbox,
+                durable=durable,
+            ),
+            presence=RedisPresenceDirectory(redis, keys, guard=guard),
+            nodes=NodeRegistry(
+                redis, keys, dead_after_s=cfg.node_dead_after_s, key_ttl_s=cfg.node_key_ttl_s, guard=guard
+            ),
+            delivery=create_delivery(cfg.routing, redis, keys, stream_maxlen=cfg.stream_maxlen, guard=guard),
+            durable=durable,
+        )
+
+    async def aclose(self) -> None:
+        if self.durable is not None:
+            await self.durable.aclose()
+        await self.redis.aclose()
