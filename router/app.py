@@ -44,7 +44,7 @@ class Router:
 
     async def start(self) -> None:
         cfg = self.cfg
-        self._store = store = Store.open(cfg, self.keys, self.metrics)
+        self._store = store = Store.open(cfg, self.keys, self.metrics, dedup_ttl_s=cfg.idempotency_window_s)
         self.mailbox = store.mailbox
         self.presence = store.presence
         self.nodes = store.nodes

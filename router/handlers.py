@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Final
 
@@ -21,11 +22,18 @@ MAX_PRESENCE_QUERY: Final = 1000
 DEFAULT_SENDER: Final = "system"
 
 
-def _message(router: Router, body: dict[str, Any]) -> Message:
-    request = parse_send(body, max_receivers=router.cfg.max_receivers)
+def _message(router: Router, body: dict[str, Any], request: web.Request, index: int = 0) -> Message:
+    """Validates one send. Under an Idempotency-Key the msg id is derived from (API key, key, index),
+    so a retry carries the same id and the mailbox appends it at most once per receiver."""
+    parsed = parse_send(body, max_receivers=router.cfg.max_receivers)
     sender = body.get("from", DEFAULT_SENDER)
     valid_user_id(sender, "from")
-    return Message(Envelope.create(sender=sender, channel=request.channel, payload=request.payload), request.to)
+    key = request.headers.get("Idempotency-Key")
+    msg_id = None
+    if key is not None:
+        msg_id = hashlib.sha256(f"{request[SCOPE_KEY]}\0{key}\0{index}".encode()).hexdigest()[:32]
+    envelope = Envelope.create(sender=sender, channel=parsed.channel, payload=parsed.payload, msg_id=msg_id)
+    return Message(envelope, parsed.to, idempotent=key is not None)
 
 
 def _count(router: Router, results: list[list[SendResult]]) -> None:
@@ -66,7 +74,7 @@ async def send_message(request: web.Request) -> web.Response:
     """POST /v1/messages {to, channel, payload, from?} -> 202 {id, results: [{to, seq, status, nodes}]}."""
     router = request.app[ROUTER_KEY]
     raw = await request.read()
-    message = _message(router, await read_json(request))
+    message = _message(router, await read_json(request), request)
 
     async def make() -> dict[str, Any]:
         [results] = await _send(router, [message])
@@ -94,7 +102,7 @@ async def send_batch(request: web.Request) -> web.Response:
         if not isinstance(item, dict):
             raise InvalidRequest(ErrorCode.INVALID_FIELD, f"messages[{index}] must be an object")
         try:
-            messages.append(_message(router, item))
+            messages.append(_message(router, item, request, index))
         except InvalidRequest as e:
             raise InvalidRequest(e.code, f"messages[{index}]: {e.message}") from None
     for message in messages:

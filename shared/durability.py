@@ -50,6 +50,7 @@ class DurableWriter:
         """``calls`` are (routing key, call); results come back in the same order."""
         if not is_cluster(self._redis):
             return await self._run_on(self._redis, [call for _, call in calls])
+        await self._redis.initialize()  # loads the slot map on first use; a no-op afterwards
         groups: dict[tuple[str, int], list[int]] = {}
         for index, (key, _) in enumerate(calls):
             node = self._redis.get_node_from_key(key)  # type: ignore[union-attr]
@@ -61,11 +62,9 @@ class DurableWriter:
             client = self._primary(address)
             try:
                 raws = await self._run_on(client, [calls[i][1] for i in indexes])
-            except redis_exceptions.ResponseError as e:
-                if str(e).startswith(("MOVED", "ASK", "READONLY", "CLUSTERDOWN", "TRYAGAIN")):
-                    await self._redis.initialize()  # refreshes the slot map
-                    raise StoreUnavailable(f"slot moved during a durable write: {e}") from e
-                raise
+            except (redis_exceptions.MovedError, redis_exceptions.AskError, redis_exceptions.ReadOnlyError) as e:
+                await self._redis.nodes_manager.initialize()  # type: ignore[union-attr]  # re-reads the slot map
+                raise StoreUnavailable(f"slot moved during a durable write: {type(e).__name__}") from e
             for i, raw in zip(indexes, raws, strict=True):
                 results[i] = raw
         return results

@@ -40,8 +40,9 @@ class Envelope:
     v: int = ENVELOPE_VERSION
 
     @classmethod
-    def create(cls, *, sender: str, channel: str, payload: Any) -> Envelope:
-        return cls(msg_id=new_msg_id(), sender=sender, channel=channel, payload=payload, ts=time.time())
+    def create(cls, *, sender: str, channel: str, payload: Any, msg_id: str | None = None) -> Envelope:
+        """A new envelope stamped now; ``msg_id`` is given only when it must be reproducible (retries)."""
+        return cls(msg_id=msg_id or new_msg_id(), sender=sender, channel=channel, payload=payload, ts=time.time())
 
     def pack(self) -> bytes:
         packed: bytes = msgpack.packb(

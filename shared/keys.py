@@ -47,6 +47,10 @@ class Keys:
         """Capped stream whose entry ids are ``<seq>-0``: the source of truth for delivery."""
         return self._user(user_id, "mbox")
 
+    def user_dedup(self, user_id: str, msg_id: str) -> str:
+        """Marker ``msg_id -> seq`` of an idempotent send, so a retry is not appended twice."""
+        return self._user(user_id, f"dedup:{msg_id}")
+
     def user_presence(self, user_id: str) -> str:
         """Hash node_id -> number of the user's connections on that node."""
         return self._user(user_id, "conns")

@@ -30,6 +30,16 @@ MailboxObserver = Callable[[int, int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
+class Append:
+    """One message for one user. With a ``dedup_id`` (idempotent sends), appending it again within the
+    dedup window returns the first seq instead of a second copy."""
+
+    envelope: bytes
+    user_id: str
+    dedup_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Appended:
     """Result of one append: the assigned seq and epoch, node_id -> connections of the receiver, and
     the mailbox's length after it with how many old entries the cap trimmed."""
@@ -82,8 +92,10 @@ class Mailbox:
         guard: OpGuard = untimed,
         observe: MailboxObserver | None = None,
         durable: DurableWriter | None = None,
+        dedup_ttl_s: int = 0,
     ) -> None:
         self._redis = redis
+        self._dedup_ttl_s = dedup_ttl_s
         self._durable = durable
         self._observe = observe
         self._guard = guard
@@ -96,37 +108,39 @@ class Mailbox:
 
     async def append(self, envelope: bytes, user_ids: Sequence[str]) -> list[Appended]:
         """Appends one envelope to each user's mailbox in one pipelined round trip."""
-        return await self.append_each([(envelope, u) for u in user_ids])
+        return await self.append_each([Append(envelope, u) for u in user_ids])
 
-    async def append_each(self, items: Sequence[tuple[bytes, str]]) -> list[Appended]:
-        """Appends many (envelope, user) pairs, each its own message, in one pipelined round trip.
+    async def append_each(self, items: Sequence[Append]) -> list[Appended]:
+        """Appends many messages (each to one user) in one pipelined round trip.
 
         Redis Cluster clients cannot pipeline scripts (redis-py refuses EVALSHA in a cluster pipeline),
         so there the appends run concurrently instead: still one round trip of latency per slot owner.
         """
         k = self._keys
 
-        def call(envelope: bytes, user_id: str, client: Any = None) -> Awaitable[Any]:
+        def call(item: Append, client: Any = None) -> Awaitable[Any]:
+            user_id = item.user_id
+            dedup_key = k.user_dedup(user_id, item.dedup_id or "-")
             return self._append(
-                keys=[k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id)],
-                args=[envelope, self._max_len, self._ttl_s],
+                keys=[k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id), dedup_key],
+                args=[item.envelope, self._max_len, self._ttl_s, self._dedup_ttl_s if item.dedup_id else 0],
                 client=client,
             )
 
         async with self._guard("mailbox_append"):
             if self._durable is not None:
-                raws = await self._durable.run([(k.user_meta(u), partial(call, envelope, u)) for envelope, u in items])
+                raws = await self._durable.run([(k.user_meta(i.user_id), partial(call, i)) for i in items])
             elif len(items) == 1 or is_cluster(self._redis):
-                raws = await asyncio.gather(*(call(envelope, user_id) for envelope, user_id in items))
+                raws = await asyncio.gather(*(call(item) for item in items))
             else:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for envelope, user_id in items:
-                        await call(envelope, user_id, pipe)
+                    for item in items:
+                        await call(item, pipe)
                     raws = await pipe.execute()
-        appended = [self._appended(u, raw) for (_, u), raw in zip(items, raws, strict=True)]
+        appended = [self._appended(i.user_id, raw) for i, raw in zip(items, raws, strict=True)]
         if self._observe is not None:
-            for item in appended:
-                self._observe(item.length, item.trimmed, self._max_len)
+            for result in appended:
+                self._observe(result.length, result.trimmed, self._max_len)
         return appended
 
     @staticmethod

@@ -17,7 +17,7 @@ from typing import Any, Final, Protocol
 from shared.delivery import Delivery, Outgoing
 from shared.envelope import Envelope, Recipient
 from shared.errors import InvalidRequest
-from shared.mailbox import Appended
+from shared.mailbox import Append, Appended
 from shared.protocol import ErrorCode
 
 LOCAL: Final = "local"
@@ -50,7 +50,7 @@ def classify(live_nodes: Sequence[str], local_node: str | None) -> str:
 
 
 class MailboxStore(Protocol):
-    async def append_each(self, items: Sequence[tuple[bytes, str]]) -> list[Appended]: ...
+    async def append_each(self, items: Sequence[Append]) -> list[Appended]: ...
 
 
 class LiveFilter(Protocol):
@@ -63,10 +63,13 @@ LocalHandoff = Callable[[Envelope, bytes, Sequence[Recipient]], None]
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One message to send: an envelope and its receivers."""
+    """One message to send: an envelope and its receivers. ``idempotent`` messages (sent under an
+    Idempotency-Key, with a msg id derived from it) are appended at most once per receiver, so a retry
+    after a partial failure completes the send instead of doubling it."""
 
     envelope: Envelope
     to: tuple[str, ...]
+    idempotent: bool = False
 
 
 class Sender:
@@ -107,7 +110,11 @@ class Sender:
         """
         packed = [self.pack(m.envelope) for m in messages]
         appended = await self._mailbox.append_each(
-            [(p, u) for p, m in zip(packed, messages, strict=True) for u in m.to]
+            [
+                Append(p, u, m.envelope.msg_id if m.idempotent else None)
+                for p, m in zip(packed, messages, strict=True)
+                for u in m.to
+            ]
         )
         outgoing: list[Outgoing] = []
         statuses: list[list[tuple[Appended, str, tuple[str, ...]]]] = []

@@ -29,8 +29,9 @@ class Store:
     durable: DurableWriter | None
 
     @classmethod
-    def open(cls, cfg: CommonConfig, keys: Keys, metrics: Metrics) -> Store:
-        """Builds the components; no I/O happens until they are used."""
+    def open(cls, cfg: CommonConfig, keys: Keys, metrics: Metrics, *, dedup_ttl_s: int = 0) -> Store:
+        """Builds the components; no I/O happens until they are used. ``dedup_ttl_s``: how long an
+        idempotent send's per-receiver markers live (the router's idempotency window)."""
         guard = metrics.redis_op
         redis = create_redis(cfg)
         durable = (
@@ -48,6 +49,7 @@ class Store:
                 guard=guard,
                 observe=metrics.observe_mailbox,
                 durable=durable,
+                dedup_ttl_s=dedup_ttl_s,
             ),
             presence=RedisPresenceDirectory(redis, keys, guard=guard),
             nodes=NodeRegistry(

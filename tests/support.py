@@ -484,6 +484,19 @@ class RedisClusterServer:
             text = info.decode() if isinstance(info, bytes) else str(info)
             if "cluster_state:ok" not in text:
                 return False
+        if self.replicas:
+            # Replicas must be linked and in sync before tests rely on WAIT or on a failover.
+            roles = []
+            for server in self.servers:
+                with server.client() as client:
+                    replication = client.info("replication")
+                roles.append(replication["role"])
+                if replication["role"] == "master" and int(replication["connected_slaves"]) < self.replicas:
+                    return False
+                if replication["role"] == "slave" and replication.get("master_link_status") != "up":
+                    return False
+            if roles.count("master") != self.masters:
+                return False
         return True
 
     def cleanup(self) -> None:
@@ -518,6 +531,7 @@ class ResumingClient:
             gateway = self.gateways[self._turn % len(self.gateways)]
             self._turn += 1
             if gateway.proc is None or gateway.proc.poll() is not None:
+                await asyncio.sleep(0.02)  # never spin: every gateway may be down for a while
                 continue
             params = {}
             if self.epoch is not None and self.seqs:
@@ -603,7 +617,9 @@ async def run_load(
                 ) as r:
                     if r.status == 202:
                         return
-                    if r.status != 503:
+                    # 503: nothing accepted, retry; 409: the first attempt with this key is still
+                    # running or failed mid-way, retry with the same key.
+                    if r.status not in (503, 409):
                         raise AssertionError(f"batch failed: {r.status} {await r.text()}")
             except (aiohttp.ClientError, TimeoutError):
                 pass

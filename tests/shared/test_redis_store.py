@@ -9,7 +9,7 @@ import pytest
 
 from shared.envelope import Envelope
 from shared.keys import Keys
-from shared.mailbox import Mailbox
+from shared.mailbox import Append, Mailbox
 from shared.nodes import NodeInfo, NodeRegistry
 from shared.presence import RedisPresenceDirectory
 from shared.redis import RedisClient
@@ -137,3 +137,16 @@ async def test_heartbeat_cost_is_constant_in_connections(
     sync.close()
     assert costs["small"] == costs["big"]
     assert costs["big"] <= 10  # EVALSHA and the calls inside it, HSET and three PEXPIREs
+
+
+async def test_idempotent_append_is_stored_once_per_receiver(redis_client: RedisClient, keys: Keys) -> None:
+    """Appending a message with a dedup id again (a retry after a partial failure) returns the first seq
+    and stores nothing new; other messages keep numbering without a gap."""
+    mailbox = Mailbox(redis_client, keys, max_len=100, ttl_s=60, dedup_ttl_s=60)
+    env = _env(1)
+    [first] = await mailbox.append_each([Append(env, "bob", "m1")])
+    [again, other] = await mailbox.append_each([Append(env, "bob", "m1"), Append(_env(2), "bob", "m2")])
+    assert (first.seq, again.seq, other.seq) == (1, 1, 2)
+    assert [m.seq for m in await mailbox.read("bob", 0, count=10)] == [1, 2]
+    [plain] = await mailbox.append_each([Append(env, "bob")])
+    assert plain.seq == 3, "without a dedup id every append is a new message"
