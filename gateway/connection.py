@@ -33,6 +33,8 @@ log = get_logger("beeline.gateway.connection")
 
 MAX_PARKED: Final = 1024
 """Live items parked while syncing; beyond it they are dropped and re-read from the mailbox."""
+CLOSE_GRACE_S: Final = 2.0
+"""How long a closing connection may take to answer our close frame before the TCP connection is dropped."""
 CATCHUP_PAGE: Final = 256
 """Mailbox entries read per round trip while syncing."""
 
@@ -91,6 +93,7 @@ class Connection:
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{conn_id}")
         self._closing: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     # -- sequence ---------------------------------------------------------------------------------
     def begin(self, state: SequenceState, start_after: int) -> None:
@@ -266,7 +269,7 @@ class Connection:
         deliveries = self._metrics.deliveries
         node = self._node
         try:
-            while True:
+            while self.close_code is None:
                 if not self._queue:
                     self._wakeup.clear()
                     await self._wakeup.wait()
@@ -300,15 +303,27 @@ class Connection:
         self._closing = asyncio.create_task(self._close(code, reason), name=f"ws-close-{self.conn_id}")
 
     async def _close(self, code: int, reason: str) -> None:
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
+        # What is queued is dropped (it waits in the mailbox); a frame already handed to aiohttp goes
+        # out before the close frame. The writer is not cancelled: aiohttp shares one drain waiter
+        # between writers, and cancelling a writer blocked in it would cancel the close frame's drain.
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._wakeup.set()
         try:
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), timeout=2.0)
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), timeout=CLOSE_GRACE_S)
         except (TimeoutError, ConnectionError, RuntimeError):
-            # A peer that stopped reading cannot take the close frame: drop the TCP connection.
-            if self._transport is not None:
-                self._transport.abort()
+            # The peer did not take the close frame in time (it stopped reading): drop the connection.
+            self._abort()
+            return
+        # The close frame is out; a peer that stopped reading never answers it, and aiohttp would wait
+        # for that answer until its ping times out. Give it a grace period, then drop the TCP connection.
+        self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._abort)
+
+    def _abort(self) -> None:
+        # Also when aiohttp already called transport.close(): a graceful close waits for the send
+        # buffer to flush, which a peer that stopped reading never allows.
+        if self._transport is not None:
+            self._transport.abort()
 
     async def flush_and_close(self, code: int, timeout_s: float) -> None:
         """Lets queued frames go out (bounded by ``timeout_s``), then closes with ``code``."""
@@ -326,6 +341,8 @@ class Connection:
 
     async def release(self) -> None:
         """Stops every task of this connection (the handler calls it once the socket is closed)."""
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
         if self.close_code is None:
             self.close_code = CloseCode.NORMAL
         tasks = [t for t in (self._writer, self._sync_task, self._closing) if t is not None and not t.done()]

@@ -22,8 +22,8 @@ from typing import Any
 from shared.keys import Keys
 from shared.redis import OpGuard, RedisClient, lua_source, untimed
 
-UNKNOWN_NODE_REFRESH_S = 0.05
-"""How often an unknown node id may force a registry refresh (a brand-new node's first users)."""
+STALE_VIEW_REFRESH_S = 0.05
+"""How often a lookup may force a registry refresh, when the cached view says a node is unknown or dead."""
 
 
 def _text(value: bytes | str) -> str:
@@ -89,7 +89,7 @@ class NodeRegistry:
         self._beat = redis.register_script(lua_source("node_beat"))
         self._list = redis.register_script(lua_source("node_list"))
         self._forget = redis.register_script(lua_source("node_forget"))
-        self._view = RegistryView()
+        self._view = RegistryView(taken_at=float("-inf"))  # never read: the first lookup refreshes
         self._last_forced = 0.0
 
     @property
@@ -107,13 +107,16 @@ class NodeRegistry:
     async def live_subset(self, presence: Mapping[str, int]) -> dict[str, int]:
         """The entries of a user's presence hash whose node is alive now.
 
-        A node id the cached view has never seen forces one refresh (rate-limited): a node that just
-        started registers itself before accepting connections, so it is in the registry by then.
+        A node is only declared dead on fresh data: when the cached view has never seen a node (a node
+        that just started registers itself before accepting connections) or says its deadline passed,
+        the view is refreshed first (rate-limited), because a late refresh on a busy router would
+        otherwise mistake a live node that beat on time for a dead one and leave its users' messages in
+        the mailbox until their next message.
         """
         view = self._view
-        if any(n not in view.deadlines for n in presence):
+        if any(not view.is_live(n) for n in presence):
             now = time.monotonic()
-            if now - self._last_forced >= UNKNOWN_NODE_REFRESH_S:
+            if now - self._last_forced >= STALE_VIEW_REFRESH_S and now - view.taken_at >= STALE_VIEW_REFRESH_S:
                 self._last_forced = now
                 view = await self.refresh()
         return {n: c for n, c in presence.items() if view.is_live(n)}
