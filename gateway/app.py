@@ -84,6 +84,7 @@ class Gateway:
             max_payload_bytes=cfg.max_payload_bytes,
             local_node=self.node_id,
             local_handoff=self.hub.handoff,
+            metrics=self.metrics,
         )
         self.reader: InboundReader
         if cfg.routing == "broadcast":
@@ -354,14 +355,7 @@ class Gateway:
             raise InvalidRequest(ErrorCode.INVALID_FIELD, "ref must be a string or an integer")
         request = parse_send(frame, max_receivers=self.cfg.max_receivers)
         envelope = Envelope.create(sender=conn.user_id, channel=request.channel, payload=request.payload)
-        try:
-            [results] = await self.sender.send([Message(envelope, request.to)])
-        except StoreUnavailable:
-            self.metrics.send_failed(len(request.to))
-            raise
-        for result in results:
-            self.metrics.messages.labels("gateway", result.status).inc()
-        self.metrics.mailbox_appends.labels("gateway").inc(len(results))
+        [results] = await self.sender.send([Message(envelope, request.to)])
         conn.send_frame({"type": "sent", "ref": ref, "id": envelope.msg_id, "results": [r.as_json() for r in results]})
 
     async def _handle_ack(self, conn: Connection, frame: dict[str, object]) -> None:

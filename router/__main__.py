@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -20,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"beeline router: {e}", file=sys.stderr)
         return 2
-    configure_logging(cfg.log_level, cfg.log_format, service="router")
+    configure_logging(cfg.log_level, cfg.log_format, service="router", node_id=socket.gethostname())
     web.run_app(create_app(cfg), host=cfg.host, port=cfg.port, access_log=None, print=None, shutdown_timeout=5)
     return 0
 

@@ -49,7 +49,9 @@ class Router:
         self.presence = store.presence
         self.nodes = store.nodes
         self.delivery = store.delivery
-        self.sender = Sender(self.mailbox, self.nodes, self.delivery, max_payload_bytes=cfg.max_payload_bytes)
+        self.sender = Sender(
+            self.mailbox, self.nodes, self.delivery, max_payload_bytes=cfg.max_payload_bytes, metrics=self.metrics
+        )
         self.idempotency = IdempotencyStore(store.redis, self.keys, self.metrics, window_s=cfg.idempotency_window_s)
         self._refresher = asyncio.create_task(self._refresh_nodes(), name="node-registry-refresh")
         log.info("router_started", routing=cfg.routing, redis=describe_target(cfg), port=cfg.port)

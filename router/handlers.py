@@ -36,24 +36,6 @@ def _message(router: Router, body: dict[str, Any], request: web.Request, index: 
     return Message(envelope, parsed.to, idempotent=key is not None)
 
 
-def _count(router: Router, results: list[list[SendResult]]) -> None:
-    for per_message in results:
-        router.metrics.mailbox_appends.labels("router").inc(len(per_message))
-        for result in per_message:
-            router.metrics.messages.labels("router", result.status).inc()
-
-
-async def _send(router: Router, messages: list[Message]) -> list[list[SendResult]]:
-    """Sends and counts outcomes; a send that stored nothing counts each receiver as ``error``."""
-    try:
-        results = await router.sender.send(messages)
-    except StoreUnavailable:
-        router.metrics.send_failed(sum(len(m.to) for m in messages))
-        raise
-    _count(router, results)
-    return results
-
-
 def _message_result(message: Message, results: list[SendResult]) -> dict[str, Any]:
     return {"id": message.envelope.msg_id, "results": [r.as_json() for r in results]}
 
@@ -77,7 +59,7 @@ async def send_message(request: web.Request) -> web.Response:
     message = _message(router, await read_json(request), request)
 
     async def make() -> dict[str, Any]:
-        [results] = await _send(router, [message])
+        [results] = await router.sender.send([message])
         return _message_result(message, results)
 
     return await _idempotent(request, raw, make)
@@ -109,7 +91,7 @@ async def send_batch(request: web.Request) -> web.Response:
         router.sender.pack(message.envelope)  # size check before anything is stored
 
     async def make() -> dict[str, Any]:
-        results = await _send(router, messages)
+        results = await router.sender.send(messages)
         out = []
         for message, per_message in zip(messages, results, strict=True):
             item = _message_result(message, per_message)

@@ -15,7 +15,7 @@ the message waited for an offline receiver. It compares two hosts' clocks: keep 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Final
 
@@ -245,6 +245,14 @@ class Metrics:
         self.mailbox_fill.labels(self.service).observe(length / cap if cap > 0 else 0.0)
         if trimmed > 0:
             self.mailbox_trims.labels(self.service).inc(trimmed)
+
+    def sent(self, statuses: Iterable[str]) -> None:
+        """Counts one accepted send: a mailbox append and an outcome per receiver."""
+        count = 0
+        for status in statuses:
+            self.messages.labels(self.service, status).inc()
+            count += 1
+        self.mailbox_appends.labels(self.service).inc(count)
 
     def send_failed(self, receivers: int) -> None:
         """A send that stored nothing (Redis unavailable): every receiver counts as outcome ``error``."""

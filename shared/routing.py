@@ -10,15 +10,20 @@ per remote live node, carrying every receiver that node holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from shared.delivery import Delivery, Outgoing
 from shared.envelope import Envelope, Recipient
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, StoreUnavailable
+from shared.logs import get_logger
 from shared.mailbox import Append, Appended
 from shared.protocol import ErrorCode
+
+log = get_logger("beeline.routing")
+_debug_gate = logging.getLogger("beeline.routing")  # the level check, without structlog's wrapper
 
 LOCAL: Final = "local"
 ROUTED: Final = "routed"
@@ -57,6 +62,14 @@ class LiveFilter(Protocol):
     async def live_subset(self, presence: Mapping[str, int]) -> dict[str, int]: ...
 
 
+class SendCounter(Protocol):
+    """What the Sender reports to metrics (``shared.metrics.Metrics`` implements it)."""
+
+    def sent(self, statuses: Iterable[str]) -> None: ...
+
+    def send_failed(self, receivers: int) -> None: ...
+
+
 LocalHandoff = Callable[[Envelope, bytes, Sequence[Recipient]], None]
 """Delivers to connections on the sender's own node without the Redis stream hop."""
 
@@ -84,7 +97,9 @@ class Sender:
         max_payload_bytes: int,
         local_node: str | None = None,
         local_handoff: LocalHandoff | None = None,
+        metrics: SendCounter | None = None,
     ) -> None:
+        self._metrics = metrics
         self._mailbox = mailbox
         self._nodes = nodes
         self._delivery = delivery
@@ -109,13 +124,18 @@ class Sender:
         reaches the receiver by gap fill or on reconnect, so its status reports ``stored``.
         """
         packed = [self.pack(m.envelope) for m in messages]
-        appended = await self._mailbox.append_each(
-            [
-                Append(p, u, m.envelope.msg_id if m.idempotent else None)
-                for p, m in zip(packed, messages, strict=True)
-                for u in m.to
-            ]
-        )
+        try:
+            appended = await self._mailbox.append_each(
+                [
+                    Append(p, u, m.envelope.msg_id if m.idempotent else None)
+                    for p, m in zip(packed, messages, strict=True)
+                    for u in m.to
+                ]
+            )
+        except StoreUnavailable:
+            if self._metrics is not None:
+                self._metrics.send_failed(sum(len(m.to) for m in messages))
+            raise
         outgoing: list[Outgoing] = []
         statuses: list[list[tuple[Appended, str, tuple[str, ...]]]] = []
         cursor = 0
@@ -134,7 +154,22 @@ class Sender:
                 final = status if reached else STORED
                 per_message.append(SendResult(item.user_id, item.seq, item.epoch, final, reached))
             results.append(per_message)
+        self._account(messages, results)
         return results
+
+    def _account(self, messages: Sequence[Message], results: list[list[SendResult]]) -> None:
+        # One metrics update and, at debug level only, one log line per message: never per receiver
+        # at info, and never the payload.
+        if self._metrics is not None:
+            self._metrics.sent(r.status for per_message in results for r in per_message)
+        if _debug_gate.isEnabledFor(logging.DEBUG):
+            for message, per_message in zip(messages, results, strict=True):
+                log.debug(
+                    "message_accepted",
+                    msg_id=message.envelope.msg_id,
+                    receivers=len(per_message),
+                    statuses=sorted({r.status for r in per_message}),
+                )
 
     async def _plan(
         self, envelope: Envelope, envelope_bytes: bytes, appended: Sequence[Appended]
