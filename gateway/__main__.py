@@ -9,16 +9,13 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from gateway.app import create_app
-from shared.config import GatewayConfig, load, parse_args
-from shared.errors import ConfigError
+from shared.config import GatewayConfig, load_cli
 from shared.logs import configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        cfg = load(GatewayConfig, os.environ, parse_args(GatewayConfig, argv))
-    except ConfigError as e:
-        print(f"beeline gateway: {e}", file=sys.stderr)
+    cfg = load_cli(GatewayConfig, argv, os.environ)
+    if cfg is None:
         return 2
     configure_logging(cfg.log_level, cfg.log_format, service="gateway", node_id=cfg.node_id)
     web.run_app(

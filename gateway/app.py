@@ -35,6 +35,7 @@ from shared.auth import Identity, TokenVerifier, bearer
 from shared.config import GatewayConfig
 from shared.envelope import Envelope
 from shared.errors import AuthError, InvalidRequest, StoreUnavailable
+from shared.http import json_error
 from shared.keys import Keys
 from shared.logs import get_logger
 from shared.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -226,19 +227,19 @@ class Gateway:
         """``GET /ws``: authenticate, upgrade, register, catch up, then read frames until close."""
         cfg = self.cfg
         if self.draining:
-            return _json_error(503, "draining", "this node is draining; connect to another", retry_after=1)
+            return json_error(503, "draining", "this node is draining; connect to another", retry_after=1)
         try:
             identity = self.authenticate(request)
         except AuthError as e:
             self.metrics.reject("unauthorized")
-            return _json_error(401, "unauthorized", str(e))
+            return json_error(401, "unauthorized", str(e))
         if len(self.hub) >= cfg.max_connections:
             self.metrics.reject("over_capacity")
-            return _json_error(503, "over_capacity", "connection limit reached on this node", retry_after=2)
+            return json_error(503, "over_capacity", "connection limit reached on this node", retry_after=2)
         try:
             since, since_epoch = _parse_since(request)
         except InvalidRequest as e:
-            return _json_error(400, e.code, e.message)
+            return json_error(400, e.code, e.message)
         ws = web.WebSocketResponse(
             protocols=SUBPROTOCOLS, heartbeat=cfg.ping_interval_s, max_msg_size=cfg.max_frame_bytes, compress=False
         )
@@ -428,11 +429,6 @@ def _parse_since(request: web.Request) -> tuple[int | None, str | None]:
     return since, epoch
 
 
-def _json_error(status: int, code: str, message: str, *, retry_after: int | None = None) -> web.Response:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
-
-
 GATEWAY_KEY: Final = web.AppKey("gateway", Gateway)
 
 
@@ -443,12 +439,12 @@ async def _healthz(_request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY_KEY]
     if gateway.draining:
-        return _json_error(503, "draining", "node is draining")
+        return json_error(503, "draining", "node is draining")
     try:
         async with gateway.metrics.redis_op("ping"):
             await gateway.registry.refresh()
     except StoreUnavailable:
-        return _json_error(503, "unavailable", "redis unavailable", retry_after=1)
+        return json_error(503, "unavailable", "redis unavailable", retry_after=1)
     return web.json_response({"status": "ready", "node": gateway.node_id})
 
 

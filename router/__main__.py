@@ -10,16 +10,13 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from router.app import create_app
-from shared.config import RouterConfig, load, parse_args
-from shared.errors import ConfigError
+from shared.config import RouterConfig, load_cli
 from shared.logs import configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        cfg = load(RouterConfig, os.environ, parse_args(RouterConfig, argv))
-    except ConfigError as e:
-        print(f"beeline router: {e}", file=sys.stderr)
+    cfg = load_cli(RouterConfig, argv, os.environ)
+    if cfg is None:
         return 2
     configure_logging(cfg.log_level, cfg.log_format, service="router", node_id=socket.gethostname())
     web.run_app(create_app(cfg), host=cfg.host, port=cfg.port, access_log=None, print=None, shutdown_timeout=5)

@@ -18,6 +18,7 @@ from router.idempotency import IdempotencyStore
 from shared.auth import ApiKeys, bearer
 from shared.config import RouterConfig
 from shared.errors import AuthError, InvalidRequest, StoreUnavailable
+from shared.http import json_error
 from shared.keys import Keys
 from shared.logs import get_logger
 from shared.metrics import Metrics
@@ -78,11 +79,6 @@ class Router:
 
 ROUTER_KEY: Final = web.AppKey("router", Router)
 SCOPE_KEY: Final = "beeline.api_scope"
-
-
-def json_error(status: int, code: str, message: str, *, retry_after: int | None = None) -> web.Response:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

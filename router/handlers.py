@@ -8,10 +8,11 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from router.app import OPENAPI_PATH, ROUTER_KEY, SCOPE_KEY, Router, json_error, read_json
+from router.app import OPENAPI_PATH, ROUTER_KEY, SCOPE_KEY, Router, read_json
 from router.idempotency import IdempotencyConflict
 from shared.envelope import Envelope
 from shared.errors import InvalidRequest, StoreUnavailable
+from shared.http import json_error
 from shared.metrics import CONTENT_TYPE_LATEST
 from shared.presence import UserPresence
 from shared.protocol import ErrorCode, parse_send, valid_user_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
@@ -205,6 +206,15 @@ def with_overrides(cfg: ConfigT, **changes: Any) -> ConfigT:
     new = dataclasses.replace(cfg, **changes)
     new.check()
     return new
+
+
+def load_cli(cls: type[ConfigT], argv: Sequence[str] | None, env: Mapping[str, str]) -> ConfigT | None:
+    """Config for ``beeline gateway|router``: flags over ``env``; prints the problem and returns None."""
+    try:
+        return load(cls, env, parse_args(cls, argv))
+    except ConfigError as e:
+        print(f"beeline {'gateway' if cls is GatewayConfig else 'router'}: {e}", file=sys.stderr)
+        return None
 
 
 def parse_args(cls: type[GatewayConfig] | type[RouterConfig], argv: Sequence[str] | None) -> argparse.Namespace:
