@@ -21,7 +21,7 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
 from aiohttp import WSMsgType, web
@@ -129,13 +129,12 @@ class Gateway:
             "gateway_started", node_id=self.node_id, routing=cfg.routing, redis=describe_target(cfg), port=cfg.port
         )
 
-    async def _supervise(self, body: object, name: str) -> None:
+    async def _supervise(self, run: Callable[[], Awaitable[None]], name: str) -> None:
         # The reader handles Redis outages itself; anything else is a bug: log it and restart the loop
         # after a pause rather than leave a node that accepts sockets but delivers nothing.
-        run = body  # a bound coroutine function
         while True:
             try:
-                await run()  # type: ignore[operator]
+                await run()
             except asyncio.CancelledError:
                 raise
             except Exception:
