@@ -48,6 +48,9 @@ from shared.store import Store
 log = get_logger("beeline.gateway")
 
 MAX_REF_LEN: Final = 256
+HANDSHAKE_DONE: Final = "beeline.handshake_done"
+RESYNC_BATCH: Final = 500
+"""Users whose sequence state one pipelined round trip fetches when a node resyncs after a lapse."""
 
 
 class Gateway:
@@ -68,6 +71,7 @@ class Gateway:
         self._handlers: set[asyncio.Task[object]] = set()
         self._recover_lock = asyncio.Lock()
         self._conn_counter = 0
+        self._handshakes = 0  # upgrades between accept and welcome (admission control for storms)
         self._store: Store | None = None
         self._blocking: RedisClient | None = None
 
@@ -163,12 +167,12 @@ class Gateway:
                 await self.reader.ensure_stream()
             counts = self.hub.counts()
             await self.presence.restore(self.node_id, counts)
-            for conn in list(self.hub.connections()):
-                try:
-                    state = await self.mailbox.open(conn.user_id)
-                except StoreUnavailable:
-                    return
-                conn.resync(state)
+            users = list(counts)
+            for start in range(0, len(users), RESYNC_BATCH):
+                states = await self.mailbox.open_many(users[start : start + RESYNC_BATCH])
+                for user_id, state in states.items():
+                    for conn in self.hub.connections_of(user_id):
+                        conn.resync(state)
             log.info("node_recovered", node_id=self.node_id, users=len(counts), connections=len(self.hub))
 
     async def drain(self) -> None:
@@ -227,6 +231,24 @@ class Gateway:
         cfg = self.cfg
         if self.draining:
             return json_error(503, "draining", "this node is draining; connect to another", retry_after=1)
+        if self._handshakes >= cfg.max_pending_handshakes:
+            # A reconnect storm: shed before any work (token check, Redis) with a cheap, clear 503, so
+            # the handshakes in progress finish quickly and the rest retry after a jittered backoff.
+            self.metrics.reject("busy")
+            return json_error(503, "busy", "too many connections being set up; retry shortly", retry_after=1)
+        self._handshakes += 1
+        try:
+            return await self._upgrade(request)
+        finally:
+            self._handshake_done(request)
+
+    def _handshake_done(self, request: web.Request) -> None:
+        if request.get(HANDSHAKE_DONE) is None:
+            request[HANDSHAKE_DONE] = True
+            self._handshakes -= 1
+
+    async def _upgrade(self, request: web.Request) -> web.StreamResponse:
+        cfg = self.cfg
         try:
             identity = self.authenticate(request)
         except AuthError as e:
@@ -258,14 +280,19 @@ class Gateway:
         if task is not None:
             self._handlers.add(task)
         try:
-            await self._run_connection(conn, identity, since, since_epoch)
+            await self._run_connection(conn, identity, since, since_epoch, lambda: self._handshake_done(request))
         finally:
             if task is not None:
                 self._handlers.discard(task)
         return ws
 
     async def _run_connection(
-        self, conn: Connection, identity: Identity, since: int | None, since_epoch: str | None
+        self,
+        conn: Connection,
+        identity: Identity,
+        since: int | None,
+        since_epoch: str | None,
+        established: Callable[[], None],
     ) -> None:
         registered = False
         self.hub.add(conn)
@@ -295,6 +322,7 @@ class Gateway:
             )
             resume = since is not None and (since_epoch in (None, state.epoch)) and since <= state.last_seq
             conn.begin(state, since if resume and since is not None else state.acked)
+            established()
             await self._read_frames(conn)
             reason = _close_reason(conn)
         finally:

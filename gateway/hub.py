@@ -55,6 +55,9 @@ class ConnectionHub:
         for conns in list(self._by_user.values()):
             yield from list(conns)
 
+    def connections_of(self, user_id: str) -> tuple[Connection, ...]:
+        return tuple(self._by_user.get(user_id, ()))
+
     def counts(self) -> dict[str, int]:
         """User id -> number of connections here (to re-register after Redis lost presence)."""
         return {user_id: len(conns) for user_id, conns in self._by_user.items()}

@@ -111,6 +111,9 @@ class GatewayConfig(CommonConfig):
     rate_limit_burst: int = _setting(200, "BEELINE_RATE_LIMIT_BURST", "inbound frame burst per connection")
     ping_interval_s: float = _setting(20.0, "BEELINE_PING_SECONDS", "WebSocket ping interval (pong timeout too)")
     max_connections: int = _setting(100_000, "BEELINE_MAX_CONNECTIONS", "connections before HTTP 503")
+    max_pending_handshakes: int = _setting(
+        256, "BEELINE_MAX_PENDING_HANDSHAKES", "upgrades being set up at once before HTTP 503 busy"
+    )
     drain_window_s: float = _setting(2.0, "BEELINE_DRAIN_WINDOW_SECONDS", "closes on drain are spread over this")
     shutdown_timeout_s: float = _setting(10.0, "BEELINE_SHUTDOWN_TIMEOUT_SECONDS", "bound on graceful stop")
     stream_block_ms: int = _setting(1000, "BEELINE_STREAM_BLOCK_MS", "XREADGROUP BLOCK")

@@ -161,6 +161,26 @@ class Mailbox:
             raw = await self._open(keys=[k.user_meta(user_id), k.mailbox(user_id)], args=[self._ttl_s])
         return SequenceState(epoch=_text(raw[0]), last_seq=int(raw[1]), acked=int(raw[2]))
 
+    async def open_many(self, user_ids: Sequence[str]) -> dict[str, SequenceState]:
+        """:meth:`open` for many users in one pipelined round trip (a node resyncing all its users)."""
+        k = self._keys
+
+        def call(user_id: str, client: Any = None) -> Awaitable[Any]:
+            return self._open(keys=[k.user_meta(user_id), k.mailbox(user_id)], args=[self._ttl_s], client=client)
+
+        async with self._guard("mailbox_open"):
+            if is_cluster(self._redis):
+                raws = await asyncio.gather(*(call(u) for u in user_ids))
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for user_id in user_ids:
+                        await call(user_id, pipe)
+                    raws = await pipe.execute()
+        return {
+            u: SequenceState(epoch=_text(raw[0]), last_seq=int(raw[1]), acked=int(raw[2]))
+            for u, raw in zip(user_ids, raws, strict=True)
+        }
+
     async def read(self, user_id: str, after_seq: int, *, count: int) -> list[StoredMessage]:
         """Up to ``count`` stored messages with seq > ``after_seq``, in seq order."""
         async with self._guard("mailbox_read"):

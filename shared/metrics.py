@@ -73,6 +73,7 @@ REJECTION_CODES: Final = {
         ErrorCode.INTERNAL,
         "unauthorized",
         "over_capacity",
+        "busy",
     ),
     "router": (
         "unauthorized",

@@ -53,7 +53,7 @@ def cluster(redis_server: RedisServer, prefix: str) -> Iterator[Cluster]:
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:  # many websockets at once
         yield s
 
 

@@ -316,6 +316,26 @@ class Client:
         client._reader = asyncio.create_task(client._read_loop())
         return client
 
+    @classmethod
+    async def connect_retrying(
+        cls, session: aiohttp.ClientSession, service: Service, user: str, deadline_s: float = 60.0, **kwargs: Any
+    ) -> Client:
+        """Connects like a well-behaved client in a storm: on HTTP 503 (busy, over capacity) or a 1013
+        close, retries after a jittered, growing backoff until ``deadline_s``."""
+        import random
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        delay = 0.05
+        while True:
+            try:
+                return await cls.connect(session, service, user, **kwargs)
+            except (aiohttp.WSServerHandshakeError, AssertionError, aiohttp.ClientError, OSError):
+                if loop.time() > deadline:
+                    raise
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(1.0, delay * 2)
+
     async def _receive_one(self, timeout: float) -> dict[str, Any] | None:
         msg = await self.ws.receive(timeout=timeout)
         if msg.type == aiohttp.WSMsgType.TEXT:
