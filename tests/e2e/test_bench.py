@@ -1,0 +1,223 @@
+"""``beeline bench`` as a user runs it, at smoke size: every message delivered exactly once in both routing
+modes, a JSON report with every field, and no process left behind. Never a timed assertion: the
+benchmark's numbers belong in docs/benchmarks.md, not in the suite. The accounting helpers it relies on
+are checked on made-up data first."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from beeline.bench import IDLE_FIELDS, RUN_FIELDS, format_table, parse_args, plan_requests
+from beeline.bench_stats import (
+    INFO_COMMAND,
+    Receipt,
+    RedisSnapshot,
+    count_deliveries,
+    latency_summary,
+    percentile,
+    resp_bulk_bytes,
+    resp_command_bytes,
+)
+
+BENCH_TIMEOUT_S = 120
+LATENCY_KEYS = {"p50", "p90", "p99", "max", "mean"}
+REDIS_KEYS = {
+    "bytes_in_per_msg",
+    "bytes_out_per_msg",
+    "commands_per_msg",
+    "bytes_in",
+    "bytes_out",
+    "commands",
+    "calls_per_msg",
+    "cpu_s",
+    "cpu_s_per_1k",
+}
+CPU_KEYS = {
+    "router_s",
+    "gateways_s",
+    "router_s_per_1k",
+    "gateways_s_per_1k",
+    "server_ms_per_msg",
+    "clients_s",
+    "clients_s_per_1k",
+    "per_process_s",
+}
+RSS_KEYS = {"router", "gateways", "gateway_max", "redis", "clients"}
+
+
+def bench_command() -> list[str]:
+    script = Path(sys.executable).with_name("beeline")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "beeline.cli"]
+
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    report_path = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEELINE_")}
+    proc = subprocess.run(
+        [*bench_command(), "bench", *args, "--quiet", "--json", str(report_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=BENCH_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, f"beeline bench exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc, json.loads(report_path.read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.redis
+def test_smoke_run_delivers_every_message_once_in_both_modes(tmp_path: Path) -> None:
+    messages = 300
+    proc, report = run_bench(
+        tmp_path, "--nodes", "2", "--users", "40", "--messages", str(messages), "--mode", "both", "--warmup", "20"
+    )
+    runs = report["runs"]
+    assert [r["mode"] for r in runs] == ["routed", "broadcast"]
+    for run in runs:
+        assert set(RUN_FIELDS) <= set(run), f"missing {set(RUN_FIELDS) - set(run)}"
+        assert run["sent"] == messages
+        assert run["delivered"] == run["sent"], run
+        assert run["lost"] == 0
+        assert run["duplicated"] == 0
+        assert run["misrouted"] == 0
+        assert run["send_errors"] == {}
+        assert run["ok"] is True
+        assert run["nodes"] == 2
+        assert set(run["latency_ms"]) == LATENCY_KEYS
+        assert all(isinstance(run["latency_ms"][k], float) for k in LATENCY_KEYS)
+        assert set(run["redis"]) == REDIS_KEYS
+        assert run["redis"]["bytes_out_per_msg"] > 0
+        assert run["redis"]["commands_per_msg"] > 0
+        assert set(run["cpu"]) == CPU_KEYS
+        assert {"router", "gw1", "gw2"} <= set(run["cpu"]["per_process_s"])
+        assert set(run["peak_rss_mb"]) == RSS_KEYS
+        assert set(run["peak_rss_mb"]["gateways"]) == {"gw1", "gw2"}
+        assert run["peak_rss_mb"]["router"] > 0
+        assert run["achieved_rate"] > 0
+        assert run["servers_exited"] == []
+        # Every process it started is gone once it has exited.
+        left = {name: pid for name, pid in run["pids"].items() if alive(pid)}
+        assert left == {}, f"still running after beeline bench exited: {left}"
+    # Routed sends one XADD per message; broadcast one PUBLISH instead.
+    assert runs[0]["redis"]["calls_per_msg"].get("publish", 0) == 0
+    assert runs[1]["redis"]["calls_per_msg"].get("publish", 0) == pytest.approx(1.0)
+    for key in ("machine", "runs", "argv", "started"):
+        assert key in report
+    assert report["machine"]["redis"]
+    assert "p99" in proc.stdout  # the table
+    assert "routed" in proc.stdout
+    assert "broadcast" in proc.stdout
+
+
+@pytest.mark.redis
+def test_batch_and_multi_forms_deliver_every_message(tmp_path: Path) -> None:
+    for form in ("batch", "multi"):
+        _proc, report = run_bench(
+            tmp_path,
+            *("--nodes", "2", "--users", "30", "--messages", "200", "--form", form, "--batch", "10"),
+            *("--rate", "2000", "--warmup", "20"),
+        )
+        [run] = report["runs"]
+        assert run["form"] == form
+        assert run["sent"] == 200
+        assert run["delivered"] == 200, run
+        assert run["lost"] == 0
+        assert run["duplicated"] == 0
+
+
+@pytest.mark.redis
+def test_idle_connections_report(tmp_path: Path) -> None:
+    proc, report = run_bench(tmp_path, "--idle-connections", "200")
+    idle = report["idle"]
+    assert set(IDLE_FIELDS) <= set(idle), f"missing {set(IDLE_FIELDS) - set(idle)}"
+    assert idle["connected"] == 200
+    assert idle["failed"] == 0
+    assert idle["presence_online"] == 200
+    assert idle["all_registered_s"] is not None
+    assert idle["rss_per_connection_kb"] is not None
+    assert "KB per connection" in proc.stdout
+    assert {name: pid for name, pid in idle["pids"].items() if alive(pid)} == {}
+
+
+# -- the accounting, on made-up data -------------------------------------------------------------------
+
+
+def test_count_deliveries_finds_lost_duplicated_and_misrouted() -> None:
+    expected = {0: [1], 1: [2], 2: [3], 3: [1, 2]}
+    receipts = [
+        Receipt(0, 1, 1, 5.0),
+        Receipt(0, 1, 1, 6.0),  # the same message again: duplicate
+        Receipt(1, 2, 1, 7.0),
+        Receipt(3, 1, 1, 9.0),  # a second message with a seq user 1 already had: duplicate
+        Receipt(3, 2, 2, 8.0),
+        Receipt(2, 4, 1, 1.0),  # not sent to user 4
+    ]
+    counts = count_deliveries(expected, receipts)
+    assert counts.expected == 5
+    assert counts.delivered == 3  # (0,1), (1,2), (3,2)
+    assert counts.lost == 2  # (2,3) never arrived; (3,1) only as a duplicate seq
+    assert counts.duplicated == 2
+    assert counts.misrouted == 1
+    assert sorted(counts.latencies_ms) == [5.0, 7.0, 8.0]
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([], 50) is None
+    summary = latency_summary([3.0, 1.0, 2.0])
+    assert summary == {"p50": 2.0, "p90": 3.0, "p99": 3.0, "max": 3.0, "mean": 2.0}
+
+
+def test_redis_delta_leaves_out_the_bench_own_info_calls() -> None:
+    def info(net_in: int, net_out: int, commands: int, info_calls: int, xadd: int) -> bytes:
+        return (
+            f"# Stats\r\ntotal_net_input_bytes:{net_in}\r\ntotal_net_output_bytes:{net_out}\r\n"
+            f"total_commands_processed:{commands}\r\n# CPU\r\nused_cpu_sys:1.5\r\nused_cpu_user:2.0\r\n"
+            f"# Commandstats\r\ncmdstat_info:calls={info_calls},usec=1\r\ncmdstat_xadd:calls={xadd},usec=9\r\n"
+        ).encode()
+
+    first = info(1000, 5000, 10, 1, 0)
+    before = RedisSnapshot.from_reply(first)
+    # Between the two: the first INFO's reply went out, 100 messages' traffic, then the second INFO came in.
+    request = resp_command_bytes(INFO_COMMAND)
+    after = RedisSnapshot.from_reply(
+        info(1000 + 700 + request, 5000 + resp_bulk_bytes(first) + 300, 10 + 1 + 50, 2, 20)
+    )
+    delta = before.delta(after)
+    assert delta.bytes_in == 700
+    assert delta.bytes_out == 300
+    assert delta.commands == 50
+    assert delta.calls == {"xadd": 20}
+    assert resp_command_bytes(["INFO", "stats"]) == len(b"*2\r\n$4\r\nINFO\r\n$5\r\nstats\r\n")
+
+
+def test_plans_cover_every_message_in_each_form() -> None:
+    base = parse_args(["--users", "10", "--messages", "25", "--batch", "4"]).specs[0]
+    for form, requests_expected in (("single", 25), ("batch", 7), ("multi", 7)):
+        spec = dataclasses.replace(base, form=form, batch=1 if form == "single" else 4)
+        plan = plan_requests(spec, random.Random(1), 25, 0, 1)
+        assert len(plan) == requests_expected
+        deliveries = sum(len(users) for request in plan for _id, users in request)
+        assert deliveries == 25
+    table = format_table([])
+    assert "p99" in table
