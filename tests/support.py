@@ -660,3 +660,24 @@ async def run_load(
     if pending:
         await asyncio.gather(*pending)
     return sent
+
+
+def raw_websocket(port: int, user: str, rcvbuf: int | None = None) -> socket.socket:
+    """A WebSocket upgraded by hand on a blocking socket that the test then never reads from: a
+    client that stopped reading (or a half-open peer that answers nothing, not even pings)."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        (
+            f"GET /ws?token={token(user)} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock

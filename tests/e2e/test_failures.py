@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tests.support import (
     api_send,
     assert_exactly_once_in_order,
     eventually,
+    raw_websocket,
     run_load,
     token,
 )
@@ -213,27 +213,6 @@ async def test_redis_restart_empty_recovers_without_restarts(
         cluster.stop()
 
 
-def _raw_ws(port: int, user: str, rcvbuf: int | None = None) -> socket.socket:
-    """A WebSocket upgraded by hand on a blocking socket that the test then never reads from: a
-    client that stopped reading (or a half-open peer that answers nothing, not even pings)."""
-    sock = socket.socket()
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(5)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(
-        (
-            f"GET /ws?token={token(user)} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
 async def test_stuck_client_is_closed_without_delaying_others(cluster: Cluster, session: aiohttp.ClientSession) -> None:
     """A client that stops reading is closed with 4008 (slow consumer) once its outbound queue is over
     its bound; meanwhile another client on the same node keeps its latency (median within 2x of the
@@ -241,7 +220,7 @@ async def test_stuck_client_is_closed_without_delaying_others(cluster: Cluster, 
     gw = cluster.gateway("g1", BEELINE_OUTBOUND_MAX_FRAMES="100", BEELINE_OUTBOUND_MAX_BYTES="524288")
     router = cluster.router()
     fast = await Client.connect(session, gw, "fast")
-    stuck = await asyncio.to_thread(_raw_ws, gw.port, "stuck", 4096)
+    stuck = await asyncio.to_thread(raw_websocket, gw.port, "stuck", 4096)
     try:
         await _flood_stuck_client(session, router, gw, fast)
     finally:
@@ -300,7 +279,7 @@ async def test_half_open_connection_is_detected_and_unregistered(
     gw = cluster.gateway("g1", BEELINE_PING_SECONDS="2")
     router = cluster.router()
 
-    sock = await asyncio.to_thread(_raw_ws, gw.port, "ghost")
+    sock = await asyncio.to_thread(raw_websocket, gw.port, "ghost")
 
     async def online() -> bool:
         return (await _presence(session, router, "ghost"))["online"] is True

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 import time
 from typing import Any
 
@@ -30,7 +29,7 @@ from tests.observability.support import (
     scrape,
     substitute,
 )
-from tests.support import Client, Cluster, Service, api_headers, api_send, eventually, token
+from tests.support import Client, Cluster, Service, api_headers, api_send, eventually, raw_websocket
 
 pytestmark = pytest.mark.redis
 
@@ -43,32 +42,13 @@ RATE_LIMIT_PER_S = 10
 BIG = "x" * 16_000
 
 
-def _stuck_socket(port: int, user: str) -> socket.socket:
-    """A WebSocket upgraded by hand, with a tiny receive buffer, that the test never reads from."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(5)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(
-        (
-            f"GET /ws?token={token(user)} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
 async def _gauge_sum(session: aiohttp.ClientSession, svc: Service, name: str) -> float:
     return sum(s.value for s in scrape(await metrics_text(session, svc)) if s.name == name)
 
 
 async def _slow_client_close(session: aiohttp.ClientSession, gateway: Service, router: Service) -> None:
     """Floods a client that never reads until the gateway closes it as a slow consumer (bounded)."""
-    stuck = await asyncio.to_thread(_stuck_socket, gateway.port, "stuck")
+    stuck = await asyncio.to_thread(raw_websocket, gateway.port, "stuck", 4096)
     try:
 
         async def registered() -> bool:
