@@ -45,6 +45,7 @@ from typing import Any, Final, Literal
 import aiohttp
 import redis.asyncio
 
+from beeline.args import csv_of
 from beeline.bench_client import event_loop_name
 from beeline.bench_stats import (
     INFO_COMMAND,
@@ -133,24 +134,8 @@ class BenchOptions:
     check_quiet: bool
 
 
-def _int_list(value: str) -> tuple[int, ...]:
-    try:
-        items = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {value!r}") from None
-    if not items or any(i < 1 for i in items):
-        raise argparse.ArgumentTypeError(f"expected positive integers: {value!r}")
-    return items
-
-
-def _float_list(value: str) -> tuple[float, ...]:
-    try:
-        items = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {value!r}") from None
-    if not items or any(i < 0 for i in items):
-        raise argparse.ArgumentTypeError(f"expected rates >= 0: {value!r}")
-    return items
+_int_list = csv_of(int, lambda i: i >= 1, "positive integers")
+_float_list = csv_of(float, lambda r: r >= 0, "rates >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -918,6 +903,23 @@ class BenchRun:
         }
 
 
+async def _teardown(progress: Progress, run: BenchRun | IdleRun | None, probe: RedisProbe | None, stack: Stack) -> None:
+    """Stops a run's client workers, its Redis probe and every server process it started."""
+    progress.done()
+    if run is not None:
+        await run.stop_workers()
+    if probe is not None:
+        await probe.close()
+    await stack.stop()
+
+
+def _with_stop_facts(result: dict[str, Any], stack: Stack) -> dict[str, Any]:
+    result["servers_killed"] = stack.killed
+    result["killed_log_tail"] = stack.killed_log_tail
+    result["stop_seconds"] = stack.stop_seconds
+    return result
+
+
 async def run_once(spec: RunSpec, opts: BenchOptions, progress: Progress, machine: dict[str, Any]) -> dict[str, Any]:
     """Starts a fresh system, runs ``spec`` against it, stops everything; returns the run's report."""
     loadavg = [round(x, 2) for x in os.getloadavg()]
@@ -935,16 +937,8 @@ async def run_once(spec: RunSpec, opts: BenchOptions, progress: Progress, machin
             run = BenchRun(spec, opts, progress, stack, probe)
             result = await run.run(loadavg, busy)
         finally:
-            progress.done()
-            if run is not None:
-                await run.stop_workers()
-            if probe is not None:
-                await probe.close()
-            await stack.stop()
-    result["servers_killed"] = stack.killed
-    result["killed_log_tail"] = stack.killed_log_tail
-    result["stop_seconds"] = stack.stop_seconds
-    return result
+            await _teardown(progress, run, probe, stack)
+    return _with_stop_facts(result, stack)
 
 
 # -- idle connections ----------------------------------------------------------------------------------
@@ -1098,16 +1092,8 @@ async def run_idle(opts: BenchOptions, progress: Progress, machine: dict[str, An
                 run = IdleRun(opts, progress, stack, probe)
                 result = await run.run(session, loadavg)
         finally:
-            progress.done()
-            if run is not None:
-                await run.stop_workers()
-            if probe is not None:
-                await probe.close()
-            await stack.stop()
-    result["servers_killed"] = stack.killed
-    result["killed_log_tail"] = stack.killed_log_tail
-    result["stop_seconds"] = stack.stop_seconds
-    return result
+            await _teardown(progress, run, probe, stack)
+    return _with_stop_facts(result, stack)
 
 
 # -- report --------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ import aiohttp
 import redis.asyncio
 from aiohttp import web
 
+from beeline.args import csv_of
 from shared.auth import mint_token
 from shared.config import CommonConfig
 from shared.errors import InvalidRequest
@@ -92,14 +93,7 @@ class DemoOptions:
     quiet: bool
 
 
-def _ports(value: str) -> tuple[int, ...]:
-    try:
-        ports = tuple(int(p) for p in value.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of ports: {value!r}") from None
-    if len(ports) < 1 or any(not 0 < p < 65536 for p in ports):
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of ports: {value!r}")
-    return ports
+_ports = csv_of(int, lambda p: 0 < p < 65536, "ports")
 
 
 def parse_args(argv: Sequence[str]) -> DemoOptions:
