@@ -14,6 +14,7 @@ interval ahead of the refresh, so it is never mistaken for dead.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,9 +23,6 @@ from typing import Any
 from shared.keys import Keys
 from shared.redis import OpGuard, RedisClient, lua_source, untimed
 
-STALE_VIEW_REFRESH_S = 0.05
-"""How often a lookup may force a registry refresh, when the cached view says a node is unknown or dead."""
-
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -32,11 +30,16 @@ def _text(value: bytes | str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RegistryView:
-    """A snapshot of the registry: deadlines (Redis ms) and Redis's clock at the time it was read."""
+    """A snapshot of the registry: deadlines (Redis ms) and Redis's clock at the time it was read.
+
+    ``asked_at`` is when the read was sent (local monotonic clock): a view asked after a moment saw
+    every registration Redis had applied by then.
+    """
 
     deadlines: Mapping[str, float] = field(default_factory=dict)
     redis_now_ms: float = 0.0
     taken_at: float = field(default_factory=time.monotonic)
+    asked_at: float = float("-inf")
 
     def redis_now_ms_estimate(self) -> float:
         return self.redis_now_ms + (time.monotonic() - self.taken_at) * 1000
@@ -44,6 +47,17 @@ class RegistryView:
     def is_live(self, node_id: str) -> bool:
         deadline = self.deadlines.get(node_id)
         return deadline is not None and deadline > self.redis_now_ms_estimate()
+
+    def needs_fresh_read(self, node_id: str) -> bool:
+        """True when only a newer read can tell whether the node is live: it is unknown (it may have
+        registered since), or it was live when read and only the local extrapolation says its deadline
+        passed (a late read on a busy process must not declare a node dead that beat on time). A node
+        already past its deadline when read is dead; if it comes back it finds its registration lapsed
+        and resyncs its connections from their mailboxes, so nothing waits on a stale verdict."""
+        deadline = self.deadlines.get(node_id)
+        if deadline is None:
+            return True
+        return self.redis_now_ms < deadline <= self.redis_now_ms_estimate()
 
     def live_nodes(self) -> list[str]:
         now = self.redis_now_ms_estimate()
@@ -90,35 +104,46 @@ class NodeRegistry:
         self._list = redis.register_script(lua_source("node_list"))
         self._forget = redis.register_script(lua_source("node_forget"))
         self._view = RegistryView(taken_at=float("-inf"))  # never read: the first lookup refreshes
-        self._last_forced = 0.0
+        self._refresh_lock = asyncio.Lock()
 
     @property
     def view(self) -> RegistryView:
         return self._view
 
     async def refresh(self) -> RegistryView:
+        asked_at = time.monotonic()
         async with self._guard("node_list"):
             raw = await self._list(keys=[self._keys.node_registry()])
-            flat = raw[1]
-            deadlines = {_text(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}
-            self._view = RegistryView(deadlines=deadlines, redis_now_ms=float(raw[0]), taken_at=time.monotonic())
-            return self._view
+        flat = raw[1]
+        deadlines = {_text(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}
+        view = RegistryView(
+            deadlines=deadlines, redis_now_ms=float(raw[0]), taken_at=time.monotonic(), asked_at=asked_at
+        )
+        # Concurrent reads (heartbeat, lookups) may finish out of order: never go back to an older one.
+        if view.asked_at >= self._view.asked_at:
+            self._view = view
+        return self._view
+
+    async def _view_asked_after(self, moment: float) -> RegistryView:
+        # Single flight: callers queue on the lock, and whoever finds a read asked after its own moment
+        # already done uses it, so a burst of lookups for an unknown node costs one or two reads, not one
+        # each.
+        async with self._refresh_lock:
+            if self._view.asked_at >= moment:
+                return self._view
+            return await self.refresh()
 
     async def live_subset(self, presence: Mapping[str, int]) -> dict[str, int]:
         """The entries of a user's presence hash whose node is alive now.
 
-        A node is only declared dead on fresh data: when the cached view has never seen a node (a node
-        that just started registers itself before accepting connections) or says its deadline passed,
-        the view is refreshed first (rate-limited), because a late refresh on a busy router would
-        otherwise mistake a live node that beat on time for a dead one and leave its users' messages in
-        the mailbox until their next message.
+        A node is only declared dead on fresh data (see :meth:`RegistryView.needs_fresh_read`): a node
+        that just started registers itself before accepting connections, so a read asked after this
+        lookup began sees it. Otherwise its first users' messages would wait in the mailbox until their
+        next message.
         """
         view = self._view
-        if any(not view.is_live(n) for n in presence):
-            now = time.monotonic()
-            if now - self._last_forced >= STALE_VIEW_REFRESH_S and now - view.taken_at >= STALE_VIEW_REFRESH_S:
-                self._last_forced = now
-                view = await self.refresh()
+        if any(view.needs_fresh_read(n) for n in presence):
+            view = await self._view_asked_after(time.monotonic())
         return {n: c for n, c in presence.items() if view.is_live(n)}
 
     async def beat(self, info: NodeInfo) -> Beat:

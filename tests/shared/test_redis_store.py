@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,11 @@ from shared.redis import RedisClient
 from tests.support import RedisServer
 
 pytestmark = pytest.mark.redis
+
+
+async def script_calls(rdb: RedisClient) -> int:
+    stats: Any = await rdb.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{cmd}", {}).get("calls", 0)) for cmd in ("evalsha", "eval"))
 
 
 def _env(n: int) -> bytes:
@@ -111,6 +117,22 @@ async def test_node_is_dead_after_two_missed_beats(redis_client: RedisClient, ke
     assert not again.was_absent
     assert again.was_expired, "a beat after the deadline reports the lapse"
     assert await registry.forget_if_dead("n1") is False
+
+
+async def test_a_node_that_registers_after_a_read_is_seen_at_once(redis_client: RedisClient, keys: Keys) -> None:
+    """A reader whose cached view predates a node's first beat must not call that node dead: its
+    lookup reads again (once for a burst of lookups), so the new node's first users are routed to."""
+    reader = NodeRegistry(redis_client, keys, dead_after_s=5, key_ttl_s=5)
+    newcomer = NodeRegistry(redis_client, keys, dead_after_s=5, key_ttl_s=5)
+    await reader.refresh()
+    await newcomer.beat(NodeInfo("fresh", connections=0, stream_lag=0, draining=False))
+    before = await script_calls(redis_client)
+    lookups = await asyncio.gather(*(reader.live_subset({"fresh": 1}) for _ in range(50)))
+    assert lookups == [{"fresh": 1}] * 50
+    # Lookups that began while a read was in flight share the next one: two reads for the whole burst.
+    assert await script_calls(redis_client) - before <= 2
+    # A node that is unknown because it never existed is dead, whatever is read.
+    assert await reader.live_subset({"ghost": 1}) == {}
 
 
 async def test_heartbeat_cost_is_constant_in_connections(
