@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from shared.config import GatewayConfig, load_cli
+from shared.eventloop import new_event_loop
 from shared.logs import configure_logging
 
 
@@ -26,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print=None,
         shutdown_timeout=cfg.shutdown_timeout_s,
         handle_signals=True,
+        loop=new_event_loop(cfg.event_loop),
     )
     return 0
 

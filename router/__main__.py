@@ -11,6 +11,7 @@ from aiohttp import web
 
 from router.app import create_app
 from shared.config import RouterConfig, load_cli
+from shared.eventloop import new_event_loop
 from shared.logs import configure_logging
 
 
@@ -19,7 +20,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg is None:
         return 2
     configure_logging(cfg.log_level, cfg.log_format, service="router", node_id=socket.gethostname())
-    web.run_app(create_app(cfg), host=cfg.host, port=cfg.port, access_log=None, print=None, shutdown_timeout=5)
+    web.run_app(
+        create_app(cfg),
+        host=cfg.host,
+        port=cfg.port,
+        access_log=None,
+        print=None,
+        shutdown_timeout=5,
+        loop=new_event_loop(cfg.event_loop),
+    )
     return 0
 
 

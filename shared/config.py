@@ -19,6 +19,7 @@ from shared.errors import ConfigError
 
 Routing = Literal["routed", "broadcast"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+EventLoop = Literal["auto", "uvloop", "asyncio"]
 
 DEFAULT_MAILBOX_MAX: Final = 10_000
 DEFAULT_MAILBOX_TTL_S: Final = 7 * 24 * 3600
@@ -64,6 +65,9 @@ class CommonConfig:
     )
     durable_timeout_ms: int = _setting(200, "BEELINE_DURABLE_TIMEOUT_MS", "how long a send waits for them")
     stream_maxlen: int = _setting(100_000, "BEELINE_STREAM_MAXLEN", "approximate cap of each node stream")
+    event_loop: EventLoop = _setting(
+        "auto", "BEELINE_EVENT_LOOP", "uvloop, asyncio, or auto (uvloop when installed: it is on Linux)"
+    )
 
     @property
     def node_dead_after_s(self) -> float:
@@ -80,6 +84,8 @@ class CommonConfig:
             raise ConfigError("BEELINE_HEARTBEAT_SECONDS must be > 0")
         if self.routing not in ("routed", "broadcast"):
             raise ConfigError("BEELINE_ROUTING must be 'routed' or 'broadcast'")
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ConfigError("BEELINE_EVENT_LOOP must be auto, uvloop or asyncio")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("BEELINE_LOG_LEVEL must be debug, info, warning or error")
         if self.mailbox_max < 1 or self.mailbox_ttl_s < 1:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from shared.autopipeline import AutoPipeline
 from shared.envelope import STREAM_FIELD, Recipient, StreamEntry
 from shared.keys import Keys
 from shared.redis import OpGuard, RedisClient, is_cluster, untimed
@@ -55,24 +56,54 @@ class NodeStreamDelivery:
 
     mode = "routed"
 
-    def __init__(self, redis: RedisClient, keys: Keys, *, stream_maxlen: int, guard: OpGuard = untimed) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        keys: Keys,
+        *,
+        stream_maxlen: int,
+        guard: OpGuard = untimed,
+        fast: AutoPipeline | None = None,
+    ) -> None:
         self._redis = redis
+        self._fast = fast
         self._keys = keys
         self._maxlen = stream_maxlen
         self._guard = guard
 
     async def push(self, outgoing: Sequence[Outgoing]) -> list[set[str]]:
         plan: list[tuple[int, str]] = []
+        entries: list[bytes] = []
         unreached: list[set[str]] = [set() for _ in outgoing]
-        async with self._guard("stream_push"), self._redis.pipeline(transaction=False) as pipe:
-            for index, out in enumerate(outgoing):
-                for node_id, recipients in out.targets.items():
-                    entry = StreamEntry(envelope=out.envelope, recipients=tuple(recipients)).pack()
-                    self._xadd(pipe, node_id, entry)
-                    plan.append((index, node_id))
-            if not plan:
-                return unreached
-            ids = await pipe.execute()
+        for index, out in enumerate(outgoing):
+            for node_id, recipients in out.targets.items():
+                entries.append(StreamEntry(envelope=out.envelope, recipients=tuple(recipients)).pack())
+                plan.append((index, node_id))
+        if not plan:
+            return unreached
+        async with self._guard("stream_push"):
+            if self._fast is not None:
+                ids = await self._fast.execute_many(
+                    [
+                        (
+                            "XADD",
+                            self._keys.node_stream(node_id),
+                            "NOMKSTREAM",
+                            "MAXLEN",
+                            "~",
+                            self._maxlen,
+                            "*",
+                            STREAM_FIELD,
+                            entry,
+                        )
+                        for (_index, node_id), entry in zip(plan, entries, strict=True)
+                    ]
+                )
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for (_index, node_id), entry in zip(plan, entries, strict=True):
+                        self._xadd(pipe, node_id, entry)
+                    ids = await pipe.execute()
         for (index, node_id), entry_id in zip(plan, ids, strict=True):
             if entry_id is None:
                 unreached[index].add(node_id)
@@ -100,15 +131,20 @@ class BroadcastDelivery:
 
     mode = "broadcast"
 
-    def __init__(self, redis: RedisClient, keys: Keys, *, guard: OpGuard = untimed) -> None:
+    def __init__(
+        self, redis: RedisClient, keys: Keys, *, guard: OpGuard = untimed, fast: AutoPipeline | None = None
+    ) -> None:
         self._redis = redis
+        self._fast = fast
         self._channel = keys.broadcast_channel()
         self._guard = guard
 
     async def push(self, outgoing: Sequence[Outgoing]) -> list[set[str]]:
         entries = [StreamEntry(envelope=out.envelope, recipients=out.recipients).pack() for out in outgoing]
         async with self._guard("broadcast_publish"):
-            if is_cluster(self._redis):
+            if self._fast is not None:
+                await self._fast.execute_many([("PUBLISH", self._channel, entry) for entry in entries])
+            elif is_cluster(self._redis):
                 # A cluster pipeline cannot route keyless PUBLISH; the cluster bus fans it out anyway.
                 await asyncio.gather(*(self._redis.publish(self._channel, entry) for entry in entries))
             else:
@@ -155,10 +191,18 @@ class MemoryDelivery:
                 handler(entry)
 
 
-def create_delivery(mode: str, redis: RedisClient, keys: Keys, *, stream_maxlen: int, guard: OpGuard) -> Delivery:
+def create_delivery(
+    mode: str,
+    redis: RedisClient,
+    keys: Keys,
+    *,
+    stream_maxlen: int,
+    guard: OpGuard,
+    fast: AutoPipeline | None = None,
+) -> Delivery:
     if mode == "broadcast":
-        return BroadcastDelivery(redis, keys, guard=guard)
-    return NodeStreamDelivery(redis, keys, stream_maxlen=stream_maxlen, guard=guard)
+        return BroadcastDelivery(redis, keys, guard=guard, fast=fast)
+    return NodeStreamDelivery(redis, keys, stream_maxlen=stream_maxlen, guard=guard, fast=fast)
 
 
 if TYPE_CHECKING:

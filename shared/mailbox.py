@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from shared.autopipeline import AutoPipeline
 from shared.durability import DurableWriter
 from shared.envelope import STREAM_FIELD
 from shared.keys import Keys
@@ -93,8 +94,10 @@ class Mailbox:
         observe: MailboxObserver | None = None,
         durable: DurableWriter | None = None,
         dedup_ttl_s: int = 0,
+        fast: AutoPipeline | None = None,
     ) -> None:
         self._redis = redis
+        self._fast = fast
         self._dedup_ttl_s = dedup_ttl_s
         self._durable = durable
         self._observe = observe
@@ -118,17 +121,22 @@ class Mailbox:
         """
         k = self._keys
 
-        def call(item: Append, client: Any = None) -> Awaitable[Any]:
+        def keys_args(item: Append) -> tuple[list[str], list[bytes | int]]:
             user_id = item.user_id
             dedup_key = k.user_dedup(user_id, item.dedup_id or "-")
-            return self._append(
-                keys=[k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id), dedup_key],
-                args=[item.envelope, self._max_len, self._ttl_s, self._dedup_ttl_s if item.dedup_id else 0],
-                client=client,
+            return (
+                [k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id), dedup_key],
+                [item.envelope, self._max_len, self._ttl_s, self._dedup_ttl_s if item.dedup_id else 0],
             )
 
+        def call(item: Append, client: Any = None) -> Awaitable[Any]:
+            keys, args = keys_args(item)
+            return self._append(keys=keys, args=args, client=client)
+
         async with self._guard("mailbox_append"):
-            if self._durable is not None:
+            if self._fast is not None and self._durable is None:
+                raws = await self._fast.evalsha(self._append.sha, self._append.script, [keys_args(i) for i in items])
+            elif self._durable is not None:
                 raws = await self._durable.run([(k.user_meta(i.user_id), partial(call, i)) for i in items])
             elif len(items) == 1 or is_cluster(self._redis):
                 raws = await asyncio.gather(*(call(item) for item in items))

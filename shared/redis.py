@@ -25,16 +25,21 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from shared.autopipeline import AutoPipeline
 from shared.config import CommonConfig
 from shared.errors import StoreUnavailable
 
 RedisClient: TypeAlias = "Redis | RedisCluster"
 
 
+def _connect_timeout_s(cfg: CommonConfig) -> float:
+    return min(cfg.redis_timeout_s, 2.0)
+
+
 def _common_options(cfg: CommonConfig, read_timeout_s: float) -> dict[str, Any]:
     return {
         "socket_timeout": read_timeout_s,
-        "socket_connect_timeout": min(cfg.redis_timeout_s, 2.0),
+        "socket_connect_timeout": _connect_timeout_s(cfg),
         "retry": Retry(NoBackoff(), 0),
         "protocol": 2,
         "decode_responses": False,
@@ -72,6 +77,14 @@ def create_standalone(cfg: CommonConfig, *, host: str, port: int, max_connection
         **_common_options(cfg, cfg.redis_timeout_s),
     )
     return Redis.from_pool(pool)
+
+
+def create_autopipeline(cfg: CommonConfig) -> AutoPipeline | None:
+    """The send path's coalescing connection, same timeouts as the command client; ``None`` for a
+    Redis Cluster, where commands are routed per slot by redis-py's cluster client instead."""
+    if cfg.redis_cluster:
+        return None
+    return AutoPipeline(cfg.redis_url, timeout_s=cfg.redis_timeout_s, connect_timeout_s=_connect_timeout_s(cfg))
 
 
 def is_cluster(client: RedisClient) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.autopipeline import AutoPipeline
 from shared.config import CommonConfig
 from shared.delivery import Delivery, create_delivery
 from shared.durability import DurableWriter
@@ -14,7 +15,7 @@ from shared.mailbox import Mailbox
 from shared.metrics import Metrics
 from shared.nodes import NodeRegistry
 from shared.presence import RedisPresenceDirectory
-from shared.redis import RedisClient, create_redis
+from shared.redis import RedisClient, create_autopipeline, create_redis
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,7 @@ class Store:
     nodes: NodeRegistry
     delivery: Delivery
     durable: DurableWriter | None
+    fast: AutoPipeline | None
 
     @classmethod
     def open(cls, cfg: CommonConfig, keys: Keys, metrics: Metrics, *, dedup_ttl_s: int = 0) -> Store:
@@ -34,6 +36,8 @@ class Store:
         idempotent send's per-receiver markers live (the router's idempotency window)."""
         guard = metrics.redis_op
         redis = create_redis(cfg)
+        # The send path's own coalescing connection (standalone Redis; a cluster routes per slot).
+        fast = create_autopipeline(cfg)
         durable = (
             DurableWriter(redis, cfg, replicas=cfg.durable_replicas, timeout_ms=cfg.durable_timeout_ms)
             if cfg.durable_replicas
@@ -50,16 +54,20 @@ class Store:
                 observe=metrics.observe_mailbox,
                 durable=durable,
                 dedup_ttl_s=dedup_ttl_s,
+                fast=fast,
             ),
             presence=RedisPresenceDirectory(redis, keys, guard=guard),
             nodes=NodeRegistry(
                 redis, keys, dead_after_s=cfg.node_dead_after_s, key_ttl_s=cfg.node_key_ttl_s, guard=guard
             ),
-            delivery=create_delivery(cfg.routing, redis, keys, stream_maxlen=cfg.stream_maxlen, guard=guard),
+            delivery=create_delivery(cfg.routing, redis, keys, stream_maxlen=cfg.stream_maxlen, guard=guard, fast=fast),
             durable=durable,
+            fast=fast,
         )
 
     async def aclose(self) -> None:
+        if self.fast is not None:
+            await self.fast.aclose()
         if self.durable is not None:
             await self.durable.aclose()
         await self.redis.aclose()

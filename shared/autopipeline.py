@@ -1,0 +1,215 @@
+"""The hot-path Redis connection: every command issued in one event-loop turn goes out as one write.
+
+Each send costs two dependent round trips (the mailbox script, then the node-stream XADDs). Through
+redis-py each is a pool checkout, a pipeline object and a write/read pair of its own, which was the
+largest share of the router's own CPU in the profile. :class:`AutoPipeline` keeps one connection and
+queues every command it is given; a callback scheduled for the end of the current loop turn writes the
+whole queue at once, and replies come back in order, so a hundred concurrent sends share a handful of
+syscalls and Redis parses one batch (the coalescing behind ``docs/benchmarks.md``'s rates).
+
+Used for standalone Redis only (a cluster routes per slot; there redis-py's cluster client stays). The
+failure contract matches the command client's: no retries (a mailbox append is not idempotent), a
+command that gets no reply within the command timeout aborts the connection and fails every command in
+flight with ``TimeoutError``, a lost connection fails them with ``ConnectionError`` (both become
+:class:`~shared.errors.StoreUnavailable`), and the next command reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, cast
+
+import hiredis
+from redis import exceptions as redis_exceptions
+from redis.asyncio.connection import parse_url
+
+Command = Sequence[bytes | str | int | float | memoryview]
+
+# Error replies that mean "not usable right now": raised as the redis-py classes that callers already
+# translate into StoreUnavailable.
+_UNAVAILABLE_PREFIXES: dict[str, type[redis_exceptions.RedisError]] = {
+    "LOADING": redis_exceptions.BusyLoadingError,
+    "READONLY": redis_exceptions.ReadOnlyError,
+    "MASTERDOWN": redis_exceptions.MasterDownError,
+    "TRYAGAIN": redis_exceptions.TryAgainError,
+    "CLUSTERDOWN": redis_exceptions.ClusterDownError,
+}
+
+
+def _error(reply: hiredis.ReplyError) -> redis_exceptions.RedisError:
+    message = str(reply)
+    prefix = message.split(" ", 1)[0]
+    return _UNAVAILABLE_PREFIXES.get(prefix, redis_exceptions.ResponseError)(message)
+
+
+class _RespProtocol(asyncio.Protocol):
+    """One connection: replies are matched to waiters in the order the commands were written."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.answered = 0
+        self.closed = False
+        self.queue: list[bytes] = []  # packed commands of this loop turn, written by the next flush
+        self.flush_scheduled = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast("asyncio.Transport", transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiters = self.waiters
+        while (reply := self.reader.gets()) is not False:
+            self.answered += 1
+            waiter = waiters.popleft()
+            if not waiter.done():  # a caller that was cancelled still owns its slot in the reply order
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(redis_exceptions.ConnectionError(f"connection to redis lost: {exc or 'closed by server'}"))
+
+    def fail(self, error: Exception) -> None:
+        self.closed = True
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def abort(self, error: Exception) -> None:
+        self.fail(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class AutoPipeline:
+    """A standalone Redis connection that coalesces the commands of one event-loop turn into one write.
+
+    ``execute`` and ``execute_many`` return replies as values; error replies are raised as redis-py
+    exceptions (``ResponseError``, or the unavailability classes). :meth:`evalsha` loads a script on
+    ``NOSCRIPT`` (a restarted Redis) and runs it again, once.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float, connect_timeout_s: float) -> None:
+        options = parse_url(url)
+        self._host: str = options.get("host", "127.0.0.1")
+        self._port: int = int(options.get("port", 6379))
+        self._unix_path: str | None = options.get("path")
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if url.startswith("rediss://") else None
+        self._setup: list[Command] = []
+        if options.get("password") is not None:
+            username = options.get("username")
+            self._setup.append(("AUTH", username, options["password"]) if username else ("AUTH", options["password"]))
+        if int(options.get("db", 0) or 0):
+            self._setup.append(("SELECT", int(options["db"])))
+        self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._protocol: _RespProtocol | None = None
+        self._connecting = asyncio.Lock()
+        self._closed = False
+
+    async def execute(self, *args: bytes | str | int | float) -> Any:
+        [reply] = await self.execute_many([args])
+        return reply
+
+    async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
+        """Sends the commands in order (in the current turn's batch); replies in the same order.
+
+        Every reply is awaited before the first error reply, if any, is raised.
+        """
+        futures = await self._enqueue(commands)
+        replies = [await f for f in futures]
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise _error(reply)
+        return replies
+
+    async def evalsha(
+        self,
+        sha: str,
+        source: bytes | str | memoryview,
+        calls: Sequence[tuple[Sequence[bytes | str], Sequence[bytes | str | int]]],
+    ) -> list[Any]:
+        """Runs one script once per ``(keys, args)`` call; replies in order."""
+        commands: list[Command] = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+        futures = await self._enqueue(commands)
+        replies = [await f for f in futures]
+        missing = [
+            i for i, r in enumerate(replies) if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")
+        ]
+        if missing:
+            # EVAL runs the script and caches it under the same sha for the next EVALSHA.
+            retried = await self._enqueue([("EVAL", source, *commands[i][2:]) for i in missing])
+            for index, future in zip(missing, retried, strict=True):
+                replies[index] = await future
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise _error(reply)
+        return replies
+
+    async def aclose(self) -> None:
+        self._closed = True
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.abort(redis_exceptions.ConnectionError("client closed"))
+
+    # -- internals -----------------------------------------------------------------------------------
+    async def _enqueue(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connect()
+        return self._send(protocol, commands)
+
+    def _send(self, protocol: _RespProtocol, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
+        protocol.waiters.extend(futures)
+        # hiredis's stub types the argument as a 1-tuple; any tuple of these types is accepted.
+        protocol.queue.extend(hiredis.pack_command(tuple(c)) for c in commands)  # type: ignore[arg-type]
+        if not protocol.flush_scheduled:
+            protocol.flush_scheduled = True
+            loop.call_soon(self._flush, protocol)
+        return futures
+
+    def _flush(self, protocol: _RespProtocol) -> None:
+        protocol.flush_scheduled = False
+        queue, protocol.queue = protocol.queue, []
+        if protocol.closed or protocol.transport is None:
+            return  # its waiters were failed when it closed
+        protocol.transport.write(b"".join(queue))
+        # One timer per batch, not per command: if the replies to everything written so far have not
+        # all arrived in time, the connection is stuck (or Redis is), so it is aborted like a timed-out
+        # redis-py connection and every waiter fails at once.
+        expected = protocol.answered + len(protocol.waiters)
+        asyncio.get_running_loop().call_later(self._timeout_s, self._check_answered, protocol, expected)
+
+    def _check_answered(self, protocol: _RespProtocol, expected: int) -> None:
+        if not protocol.closed and protocol.answered < expected:
+            protocol.abort(redis_exceptions.TimeoutError(f"no reply from redis within {self._timeout_s} s"))
+
+    async def _connect(self) -> _RespProtocol:
+        async with self._connecting:
+            if self._closed:
+                raise redis_exceptions.ConnectionError("client closed")
+            if self._protocol is not None and not self._protocol.closed:
+                return self._protocol
+            loop = asyncio.get_running_loop()
+            protocol = _RespProtocol()
+            try:
+                async with asyncio.timeout(self._connect_timeout_s):
+                    if self._unix_path:
+                        await loop.create_unix_connection(lambda: protocol, self._unix_path)
+                    else:
+                        await loop.create_connection(lambda: protocol, self._host, self._port, ssl=self._ssl)
+            except (OSError, TimeoutError) as e:
+                raise redis_exceptions.ConnectionError(f"cannot connect to redis: {e}") from e
+            for reply in [await f for f in self._send(protocol, self._setup)]:
+                if isinstance(reply, hiredis.ReplyError):
+                    protocol.abort(redis_exceptions.ConnectionError(f"redis refused the connection setup: {reply}"))
+                    raise _error(reply)
+            self._protocol = protocol
+            return protocol
