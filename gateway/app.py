@@ -32,6 +32,7 @@ from gateway.heartbeat import Heartbeat
 from gateway.hub import ConnectionHub
 from gateway.stream_reader import BroadcastReader, InboundReader, NodeStreamReader
 from shared.auth import Identity, TokenVerifier, bearer
+from shared.autopipeline import AutoPipeline
 from shared.config import GatewayConfig
 from shared.envelope import Envelope
 from shared.errors import AuthError, InvalidRequest, StoreUnavailable
@@ -41,7 +42,7 @@ from shared.logs import get_logger
 from shared.metrics import CONTENT_TYPE_LATEST, Metrics
 from shared.nodes import NodeInfo
 from shared.protocol import SUBPROTOCOLS, CloseCode, ErrorCode, codec_for, error_frame, parse_send
-from shared.redis import RedisClient, create_redis, describe_target
+from shared.redis import RedisClient, create_autopipeline, create_redis, describe_target
 from shared.routing import Message, Sender
 from shared.store import Store
 
@@ -74,6 +75,7 @@ class Gateway:
         self._handshakes = 0  # upgrades between accept and welcome (admission control for storms)
         self._store: Store | None = None
         self._blocking: RedisClient | None = None
+        self._stream_connection: AutoPipeline | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -81,6 +83,7 @@ class Gateway:
         self._store = store = Store.open(cfg, self.keys, self.metrics)
         redis = store.redis
         self._blocking = blocking = create_redis(cfg, blocking_read_ms=cfg.stream_block_ms, max_connections=4)
+        self._stream_connection = create_autopipeline(cfg, blocking_read_ms=cfg.stream_block_ms)
         self.mailbox, self.presence, self.registry = store.mailbox, store.presence, store.nodes
         self.sender = Sender(
             self.mailbox,
@@ -104,6 +107,7 @@ class Gateway:
             self.reader = NodeStreamReader(
                 redis=redis,
                 blocking_redis=blocking,
+                stream_connection=self._stream_connection,
                 keys=self.keys,
                 node_id=self.node_id,
                 hub=self.hub,
@@ -211,6 +215,8 @@ class Gateway:
             await asyncio.wait(self._handlers, timeout=2.0)
         if self._blocking is not None:
             await self._blocking.aclose()
+        if self._stream_connection is not None:
+            await self._stream_connection.aclose()
         if self._store is not None:
             await self._store.aclose()
         log.info("gateway_stopped", node_id=self.node_id)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from redis import exceptions as redis_exceptions
 
 from gateway.hub import ConnectionHub
+from shared.autopipeline import AutoPipeline
 from shared.envelope import STREAM_FIELD, StreamEntry
 from shared.errors import EnvelopeDecodeError, StoreUnavailable
 from shared.keys import STREAM_GROUP, Keys
@@ -67,6 +68,7 @@ class NodeStreamReader:
         *,
         redis: RedisClient,
         blocking_redis: RedisClient,
+        stream_connection: AutoPipeline | None,
         keys: Keys,
         node_id: str,
         hub: ConnectionHub,
@@ -77,6 +79,7 @@ class NodeStreamReader:
     ) -> None:
         self._redis = redis
         self._blocking = blocking_redis
+        self._connection = stream_connection
         self._stream = keys.node_stream(node_id)
         self._node_id = node_id
         self._hub = hub
@@ -112,13 +115,10 @@ class NodeStreamReader:
 
     async def run(self) -> None:
         backoff = Backoff()
-        streams = {self._stream: ">"}
         entries_total = self._metrics.stream_entries.labels(self._node_id)
         while True:
             try:
-                response = await self._blocking.xreadgroup(
-                    STREAM_GROUP, self._node_id, streams, count=self._batch, block=self._block_ms, noack=True
-                )
+                payloads = await self._read()
             except asyncio.CancelledError:
                 raise
             except redis_exceptions.ResponseError as e:
@@ -140,18 +140,41 @@ class NodeStreamReader:
             if backoff.failures:
                 log.info("node_stream_read_recovered", node_id=self._node_id, failures=backoff.failures)
                 backoff.reset()
-            for _stream, messages in response or ():
-                entries_total.inc(len(messages))
-                for _entry_id, fields in messages:
-                    self._handle(fields)
+            if payloads:
+                entries_total.inc(len(payloads))
+                for payload in payloads:
+                    self._handle(payload)
 
-    def _handle(self, fields: dict[bytes, bytes]) -> None:
+    async def _read(self) -> list[bytes | None]:
+        """The next batch: each entry's payload (``None`` when an entry lacks the field)."""
+        if self._connection is None:  # Redis Cluster: redis-py routes the read to the stream's slot
+            response = await self._blocking.xreadgroup(
+                STREAM_GROUP, self._node_id, {self._stream: ">"}, count=self._batch, block=self._block_ms, noack=True
+            )
+            return [fields.get(STREAM_FIELD) for _stream, messages in response or () for _id, fields in messages]
+        # Raw RESP2 reply: [[stream, [[id, [field, value, ...]], ...]]] or nil when the BLOCK timed out.
+        raw = await self._connection.execute(
+            "XREADGROUP", "GROUP", STREAM_GROUP, self._node_id, "COUNT", self._batch, "BLOCK", self._block_ms,
+            "NOACK", "STREAMS", self._stream, ">",
+        )  # fmt: skip
+        return [_field(flat) for _stream, messages in raw or () for _id, flat in messages]
+
+    def _handle(self, payload: bytes | None) -> None:
         try:
-            entry = StreamEntry.unpack(fields[STREAM_FIELD])
-        except (KeyError, EnvelopeDecodeError):
+            if payload is None:
+                raise EnvelopeDecodeError("stream entry without its data field")
+            entry = StreamEntry.unpack(payload)
+        except EnvelopeDecodeError:
             log.error("stream_entry_undecodable", node_id=self._node_id)
             return
         self._hub.deliver_entry(entry, "routed")
+
+
+def _field(flat: list[bytes]) -> bytes | None:
+    for i in range(0, len(flat) - 1, 2):
+        if flat[i] == STREAM_FIELD:
+            return flat[i + 1]
+    return None
 
 
 class BroadcastReader:

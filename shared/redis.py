@@ -79,12 +79,16 @@ def create_standalone(cfg: CommonConfig, *, host: str, port: int, max_connection
     return Redis.from_pool(pool)
 
 
-def create_autopipeline(cfg: CommonConfig) -> AutoPipeline | None:
-    """The send path's coalescing connection, same timeouts as the command client; ``None`` for a
-    Redis Cluster, where commands are routed per slot by redis-py's cluster client instead."""
+def create_autopipeline(cfg: CommonConfig, *, blocking_read_ms: int | None = None) -> AutoPipeline | None:
+    """A lean coalescing connection (send path, stream reads), same timeouts as the command client;
+    ``None`` for a Redis Cluster, where redis-py's cluster client routes commands per slot instead.
+
+    ``blocking_read_ms``: the longest BLOCK this connection will issue; its timeout is set above it.
+    """
     if cfg.redis_cluster:
         return None
-    return AutoPipeline(cfg.redis_url, timeout_s=cfg.redis_timeout_s, connect_timeout_s=_connect_timeout_s(cfg))
+    timeout = cfg.redis_timeout_s if blocking_read_ms is None else blocking_read_ms / 1000 + cfg.redis_timeout_s
+    return AutoPipeline(cfg.redis_url, timeout_s=timeout, connect_timeout_s=_connect_timeout_s(cfg))
 
 
 def is_cluster(client: RedisClient) -> bool:
