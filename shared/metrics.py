@@ -15,8 +15,9 @@ the message waited for an offline receiver. It compares two hosts' clocks: keep 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from shared import __version__
 from shared.errors import StoreUnavailable
 from shared.protocol import ErrorCode
-from shared.redis import store_errors
+from shared.redis import UNAVAILABLE_ERRORS, unavailable
 
 CONTENT_TYPE_LATEST: Final = _CONTENT_TYPE
 
@@ -197,6 +198,7 @@ class Metrics:
             registry=registry,
         )
         self.info.labels(service=service, version=_version(), node=node).set(1)
+        self._redis_ops: dict[str, _RedisOpMetrics] = {}
         self._precreate()
 
     def _precreate(self) -> None:
@@ -225,18 +227,14 @@ class Metrics:
         self.mailbox_reads.labels(node, "sync")
         self.slow_closes.labels(node)
 
-    @asynccontextmanager
-    async def redis_op(self, op: str) -> AsyncIterator[None]:
+    def redis_op(self, op: str) -> TimedRedisOp:
         """Times one Redis round trip and counts its failure; Redis errors surface as StoreUnavailable."""
-        start = time.perf_counter()
-        try:
-            async with store_errors():
-                yield
-        except StoreUnavailable:
-            self.redis_errors.labels(self.service, op).inc()
-            raise
-        finally:
-            self.redis_latency.labels(self.service, op).observe(time.perf_counter() - start)
+        timer = self._redis_ops.get(op)
+        if timer is None:
+            timer = self._redis_ops[op] = _RedisOpMetrics(
+                self.redis_latency.labels(self.service, op), self.redis_errors.labels(self.service, op)
+            )
+        return TimedRedisOp(timer)
 
     def reject(self, code: str) -> None:
         self.rejections.labels(self.service, code).inc()
@@ -249,11 +247,12 @@ class Metrics:
 
     def sent(self, statuses: Iterable[str]) -> None:
         """Counts one accepted send: a mailbox append and an outcome per receiver."""
-        count = 0
+        counts: dict[str, int] = {}
         for status in statuses:
-            self.messages.labels(self.service, status).inc()
-            count += 1
-        self.mailbox_appends.labels(self.service).inc(count)
+            counts[status] = counts.get(status, 0) + 1
+        for status, count in counts.items():
+            self.messages.labels(self.service, status).inc(count)
+        self.mailbox_appends.labels(self.service).inc(sum(counts.values()))
 
     def send_failed(self, receivers: int) -> None:
         """A send that stored nothing (Redis unavailable): every receiver counts as outcome ``error``."""
@@ -261,6 +260,38 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True, slots=True)
+class _RedisOpMetrics:
+    latency: Histogram
+    errors: Counter
+
+
+class TimedRedisOp:
+    """The guard :meth:`Metrics.redis_op` returns: a plain class rather than a generator-based context
+    manager, because every Redis call on the send path goes through one."""
+
+    __slots__ = ("_metrics", "_start")
+
+    def __init__(self, metrics: _RedisOpMetrics) -> None:
+        self._metrics = metrics
+        self._start = 0.0
+
+    async def __aenter__(self) -> None:
+        self._start = time.perf_counter()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._metrics.latency.observe(time.perf_counter() - self._start)
+        if exc is None:
+            return
+        if isinstance(exc, StoreUnavailable):
+            self._metrics.errors.inc()
+        elif isinstance(exc, UNAVAILABLE_ERRORS):
+            self._metrics.errors.inc()
+            raise unavailable(exc) from exc
 
 
 def _version() -> str:

@@ -123,13 +123,17 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def unavailable(error: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"redis unavailable: {type(error).__name__}: {error}")
+
+
 @asynccontextmanager
 async def store_errors() -> AsyncIterator[None]:
     """Turns the Redis errors that mean "not reachable right now" into :class:`StoreUnavailable`."""
     try:
         yield
     except UNAVAILABLE_ERRORS as e:
-        raise StoreUnavailable(f"redis unavailable: {type(e).__name__}: {e}") from e
+        raise unavailable(e) from e
 
 
 OpGuard: TypeAlias = Callable[[str], AbstractAsyncContextManager[None]]
