@@ -11,8 +11,8 @@ from aiohttp import web
 
 from router.app import create_app
 from shared.config import RouterConfig, load_cli
-from shared.eventloop import new_event_loop
 from shared.logs import configure_logging
+from shared.runtime import new_event_loop, tune_gc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,6 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg is None:
         return 2
     configure_logging(cfg.log_level, cfg.log_format, service="router", node_id=socket.gethostname())
+    tune_gc()
     web.run_app(
         create_app(cfg),
         host=cfg.host,
