@@ -56,6 +56,9 @@ class _RespProtocol(asyncio.Protocol):
         self.closed = False
         self.queue: list[bytes] = []  # packed commands of this loop turn, written by the next flush
         self.flush_scheduled = False
+        # (written at, replies expected by then) per flush still waiting for replies, oldest first.
+        self.in_flight: deque[tuple[float, int]] = deque()
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -82,6 +85,8 @@ class _RespProtocol(asyncio.Protocol):
 
     def abort(self, error: Exception) -> None:
         self.fail(error)
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         if self.transport is not None:
             self.transport.abort()
 
@@ -181,15 +186,29 @@ class AutoPipeline:
         if protocol.closed or protocol.transport is None:
             return  # its waiters were failed when it closed
         protocol.transport.write(b"".join(queue))
-        # One timer per batch, not per command: if the replies to everything written so far have not
-        # all arrived in time, the connection is stuck (or Redis is), so it is aborted like a timed-out
-        # redis-py connection and every waiter fails at once.
-        expected = protocol.answered + len(protocol.waiters)
-        asyncio.get_running_loop().call_later(self._timeout_s, self._check_answered, protocol, expected)
+        loop = asyncio.get_running_loop()
+        protocol.in_flight.append((loop.time(), protocol.answered + len(protocol.waiters)))
+        if protocol.watchdog is None:
+            protocol.watchdog = loop.call_later(self._timeout_s, self._watch, protocol)
 
-    def _check_answered(self, protocol: _RespProtocol, expected: int) -> None:
-        if not protocol.closed and protocol.answered < expected:
+    def _watch(self, protocol: _RespProtocol) -> None:
+        # One timer per connection, not per command or batch: if a batch written more than the command
+        # timeout ago still lacks replies, the connection (or Redis) is stuck, so it is aborted like a
+        # timed-out redis-py connection and every waiter fails at once.
+        protocol.watchdog = None
+        if protocol.closed:
+            return
+        in_flight = protocol.in_flight
+        while in_flight and in_flight[0][1] <= protocol.answered:
+            in_flight.popleft()
+        if not in_flight:
+            return
+        loop = asyncio.get_running_loop()
+        overdue = loop.time() - in_flight[0][0] - self._timeout_s
+        if overdue >= 0:
             protocol.abort(redis_exceptions.TimeoutError(f"no reply from redis within {self._timeout_s} s"))
+            return
+        protocol.watchdog = loop.call_later(-overdue, self._watch, protocol)
 
     async def _connect(self) -> _RespProtocol:
         async with self._connecting:
