@@ -67,6 +67,11 @@ def _json_default(value: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+# Built once: json.dumps with any non-default option constructs a new encoder on every call, and every
+# delivered frame is encoded. The encoder holds no state between calls.
+_JSON_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=_json_default)
+
+
 class JsonCodec:
     """``beeline.v1.json``: UTF-8 JSON objects in text frames."""
 
@@ -74,7 +79,7 @@ class JsonCodec:
     binary = False
 
     def encode(self, frame: dict[str, Any]) -> str:
-        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+        return _JSON_ENCODER.encode(frame)
 
     def decode(self, data: str | bytes) -> dict[str, Any]:
         if not isinstance(data, str):
