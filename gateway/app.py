@@ -51,6 +51,9 @@ log = get_logger("beeline.gateway")
 MAX_REF_LEN: Final = 256
 HANDSHAKE_DONE: Final = "beeline.handshake_done"
 RESYNC_BATCH: Final = 500
+TASK_STOP_TIMEOUT_S: Final = 2.0
+DRAIN_SHARE: Final = 0.7
+"""Share of the shutdown timeout the drain may take; the cleanup after it gets the rest."""
 """Users whose sequence state one pipelined round trip fetches when a node resyncs after a lapse."""
 
 
@@ -203,16 +206,24 @@ class Gateway:
         if self._stopped:
             return
         self._stopped = True
+        # The whole stop fits in BEELINE_SHUTDOWN_TIMEOUT_SECONDS (the Kubernetes grace contract in the
+        # README): the drain gets most of it, the cleanup after it the rest, and each step is bounded.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.shutdown_timeout_s
         try:
-            await asyncio.wait_for(self.drain(), timeout=self.cfg.shutdown_timeout_s)
+            await asyncio.wait_for(self.drain(), timeout=self.cfg.shutdown_timeout_s * DRAIN_SHARE)
         except TimeoutError:
             log.warning("drain_timed_out", node_id=self.node_id)
-        await _cancel(self._heartbeat_task)
-        await _cancel(self._reader_task)
-        with contextlib.suppress(StoreUnavailable):
-            await self.presence.reap(self.node_id)  # now the stream too: nobody reads it any more
-        if self._handlers:
-            await asyncio.wait(self._handlers, timeout=2.0)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await _cancel(self._heartbeat_task)
+                await _cancel(self._reader_task)
+                with contextlib.suppress(StoreUnavailable):
+                    await self.presence.reap(self.node_id)  # now the stream too: nobody reads it any more
+                if self._handlers:
+                    await asyncio.wait(self._handlers, timeout=2.0)
+        except TimeoutError:
+            log.warning("stop_timed_out", node_id=self.node_id)
         if self._blocking is not None:
             await self._blocking.aclose()
         if self._stream_connection is not None:
@@ -404,10 +415,17 @@ class Gateway:
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
-    if task is not None and not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    """Cancels an owned task and waits for it, but never longer than TASK_STOP_TIMEOUT_S: a task stuck
+    in its cleanup (a client library's close) must not keep the process from exiting in bounded time."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=TASK_STOP_TIMEOUT_S)
+    if not done:
+        log.warning("task_did_not_stop", task=task.get_name(), timeout_s=TASK_STOP_TIMEOUT_S)
+        return
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("task_failed_on_stop", task=task.get_name(), error=repr(task.exception()))
 
 
 class RateLimiter:

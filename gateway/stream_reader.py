@@ -9,6 +9,7 @@ reports its lag.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ log = get_logger("beeline.gateway.reader")
 
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 2.0
+PUBSUB_CLOSE_TIMEOUT_S = 1.0
 
 
 class Backoff:
@@ -229,4 +231,7 @@ class BroadcastReader:
                     log.warning("broadcast_read_failed", node_id=self._node_id, error=type(e).__name__)
                 await backoff.wait()
             finally:
-                await pubsub.aclose()
+                # Bounded: a close racing a read in redis-py's pub/sub can wait on its lock (redis-py
+                # #3941); the connection is dropped either way when the process or the client goes.
+                with contextlib.suppress(TimeoutError, *UNAVAILABLE_ERRORS):
+                    await asyncio.wait_for(pubsub.aclose(), timeout=PUBSUB_CLOSE_TIMEOUT_S)
