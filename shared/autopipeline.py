@@ -228,7 +228,11 @@ class AutoPipeline:
                 raise redis_exceptions.ConnectionError(f"cannot connect to redis: {e}") from e
             for reply in [await f for f in self._send(protocol, self._setup)]:
                 if isinstance(reply, hiredis.ReplyError):
-                    protocol.abort(redis_exceptions.ConnectionError(f"redis refused the connection setup: {reply}"))
-                    raise _error(reply)
+                    # A wrong password or database is a configuration error that no retry fixes, but
+                    # like redis-py it surfaces as a connection failure: the caller answers 503 and
+                    # /readyz stays red, and the log says why.
+                    error = redis_exceptions.AuthenticationError(f"redis refused the connection setup: {reply}")
+                    protocol.abort(error)
+                    raise error
             self._protocol = protocol
             return protocol

@@ -92,9 +92,10 @@ def redis_server_binary() -> str:
 class RedisServer:
     """A redis-server process of our own on a free loopback port (no persistence)."""
 
-    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = (), password: str | None = None) -> None:
         self.port = port or free_port()
-        self.extra_args = extra_args
+        self.password = password
+        self.extra_args = (*extra_args, "--requirepass", password) if password else extra_args
         self.dir = tempfile.mkdtemp(prefix="beeline-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -134,7 +135,9 @@ class RedisServer:
             return False
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=1)
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2, socket_connect_timeout=1
+        )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

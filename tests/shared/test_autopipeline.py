@@ -133,3 +133,25 @@ async def test_a_cancelled_caller_does_not_shift_the_replies_of_others(own_redis
         assert await fast.execute("GET", "a") == b"A"
     finally:
         await fast.aclose()
+
+
+async def test_password_and_database_from_the_url() -> None:
+    """AUTH and SELECT from the URL run first on every new connection; a wrong password is a clear
+    error, not a hang."""
+    server = RedisServer(password="s3cret").start()
+    try:
+        fast = AutoPipeline(f"redis://:s3cret@127.0.0.1:{server.port}/3", timeout_s=2.0, connect_timeout_s=1.0)
+        try:
+            info: bytes = await fast.execute("CLIENT", "INFO")
+            assert b" db=3 " in info
+        finally:
+            await fast.aclose()
+        wrong = AutoPipeline(f"redis://:nope@127.0.0.1:{server.port}/0", timeout_s=2.0, connect_timeout_s=1.0)
+        try:
+            with pytest.raises(StoreUnavailable, match=r"WRONGPASS|invalid password"):
+                async with store_errors():
+                    await wrong.execute("PING")
+        finally:
+            await wrong.aclose()
+    finally:
+        server.cleanup()

@@ -3,6 +3,8 @@ decisions. No Redis here; everything with Redis is in the other modules of this 
 
 from __future__ import annotations
 
+import asyncio
+
 import msgpack
 import pytest
 
@@ -12,6 +14,7 @@ from shared.errors import ConfigError, EnvelopeDecodeError, InvalidRequest
 from shared.keys import Keys
 from shared.protocol import ErrorCode, JsonCodec, MsgpackCodec, codec_for, message_frame, parse_send
 from shared.routing import LOCAL, ROUTED, STORED, classify
+from shared.runtime import new_event_loop
 
 
 def _slot_tag(key: str) -> str:
@@ -135,3 +138,20 @@ def test_classify_statuses() -> None:
     assert classify(["n1", "n2"], "n1") == ROUTED
     assert classify(["n2"], None) == ROUTED
     assert classify(["n1"], None) == ROUTED
+
+
+def test_event_loop_setting() -> None:
+    """BEELINE_EVENT_LOOP picks the loop (uvloop is a dependency here); a typo stops the process at
+    start, and ``auto`` means uvloop when it is installed."""
+    uvloop = pytest.importorskip("uvloop")
+    assert load(RouterConfig, {"BEELINE_API_KEYS": "k" * 32}).event_loop == "auto"
+    with pytest.raises(ConfigError, match="BEELINE_EVENT_LOOP"):
+        load(RouterConfig, {"BEELINE_API_KEYS": "k" * 32, "BEELINE_EVENT_LOOP": "trio"})
+    for kind, expected in (("auto", uvloop.Loop), ("uvloop", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)):
+        loop = new_event_loop(kind)
+        try:
+            assert isinstance(loop, expected), (kind, loop)
+            if kind == "asyncio":
+                assert not isinstance(loop, uvloop.Loop)
+        finally:
+            loop.close()

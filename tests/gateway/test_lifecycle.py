@@ -1,0 +1,45 @@
+"""The gateway's own task handling on stop: bounded, whatever a task does in its cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway import app as gateway_app
+
+
+async def test_cancelling_a_task_stuck_in_its_cleanup_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task whose cleanup waits on something that never comes (as a client library's close racing a
+    read can) must not hold the stop: ``_cancel`` gives up after its bound and leaves it behind."""
+    monkeypatch.setattr(gateway_app, "TASK_STOP_TIMEOUT_S", 0.2)
+    never = asyncio.Event()
+
+    async def stuck() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.shield(never.wait())
+
+    task = asyncio.create_task(stuck(), name="stuck")
+    await asyncio.sleep(0)
+    await asyncio.wait_for(gateway_app._cancel(task), timeout=5)
+    assert not task.done(), "the stuck task was left behind, not awaited forever"
+    never.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_cancelling_a_well_behaved_task_waits_for_it() -> None:
+    cleaned = asyncio.Event()
+
+    async def polite() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleaned.set()
+
+    task = asyncio.create_task(polite())
+    await asyncio.sleep(0)
+    await gateway_app._cancel(task)
+    assert task.cancelled() and cleaned.is_set()
