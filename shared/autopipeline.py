@@ -82,6 +82,9 @@ class _RespProtocol(asyncio.Protocol):
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
+                # A caller awaiting several replies stops at the first failure; mark the rest as seen so
+                # a lost connection is not also logged once per command as "exception never retrieved".
+                waiter.exception()
 
     def abort(self, error: Exception) -> None:
         self.fail(error)

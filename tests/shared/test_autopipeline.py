@@ -4,6 +4,7 @@ coalescing, and the failure contract (lost connection, stalled server, restart).
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import signal
@@ -77,13 +78,31 @@ async def test_scripts_load_themselves_after_a_flush(own_redis: RedisServer) -> 
 
 
 async def test_a_lost_connection_fails_fast_and_the_next_command_reconnects(own_redis: RedisServer) -> None:
-    fast = pipeline(own_redis)
+    """Commands in flight when Redis dies fail at once (reported once, to their caller), commands while
+    it is down are refused at connect (no hang), and the first command after a restart reconnects."""
+    fast = pipeline(own_redis, timeout_s=10.0)
+    unhandled: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: unhandled.append(context))
     try:
         await fast.execute("SET", "k", "v")
+
+        async def in_flight_commands_fail() -> bool:
+            try:
+                await fast.execute_many([("BLPOP", "never", 5), ("GET", "k"), ("GET", "k")])
+            except redis_exceptions.ConnectionError:
+                return True
+            return False
+
+        attempt = asyncio.ensure_future(in_flight_commands_fail())
+
+        async def blocked() -> bool:
+            return int((await stat(own_redis, "clients"))["blocked_clients"]) == 1
+
+        await eventually(blocked, timeout=5, what="the BLPOP to be in flight")
         own_redis.stop()
-        with pytest.raises(StoreUnavailable):
-            async with store_errors():
-                await fast.execute("GET", "k")
+        assert await asyncio.wait_for(attempt, timeout=5)
+        gc.collect()
+        assert unhandled == [], "a lost connection is reported once, to its caller"
         with pytest.raises(StoreUnavailable):  # refused at connect while Redis is down: no hang
             async with store_errors():
                 await fast.execute("GET", "k")
