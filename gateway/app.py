@@ -33,7 +33,7 @@ from gateway.hub import ConnectionHub
 from gateway.stream_reader import BroadcastReader, InboundReader, NodeStreamReader
 from shared.auth import Identity, TokenVerifier, bearer
 from shared.autopipeline import AutoPipeline
-from shared.config import GatewayConfig
+from shared.config import DRAIN_FLUSH_S, GatewayConfig
 from shared.envelope import Envelope
 from shared.errors import AuthError, InvalidRequest, StoreUnavailable
 from shared.http import json_error
@@ -52,8 +52,6 @@ MAX_REF_LEN: Final = 256
 HANDSHAKE_DONE: Final = "beeline.handshake_done"
 RESYNC_BATCH: Final = 500
 TASK_STOP_TIMEOUT_S: Final = 2.0
-DRAIN_SHARE: Final = 0.7
-"""Share of the shutdown timeout the drain may take; the cleanup after it gets the rest."""
 """Users whose sequence state one pipelined round trip fetches when a node resyncs after a lapse."""
 
 
@@ -198,7 +196,7 @@ class Gateway:
 
         async def close_later(conn: Connection) -> None:
             await asyncio.sleep(random.uniform(0, window) if window > 0 else 0)
-            await conn.flush_and_close(CloseCode.SERVICE_RESTART, timeout_s=1.0)
+            await conn.flush_and_close(CloseCode.SERVICE_RESTART, timeout_s=DRAIN_FLUSH_S)
 
         await asyncio.gather(*(close_later(c) for c in conns), return_exceptions=True)
 
@@ -211,7 +209,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.shutdown_timeout_s
         try:
-            await asyncio.wait_for(self.drain(), timeout=self.cfg.shutdown_timeout_s * DRAIN_SHARE)
+            await asyncio.wait_for(self.drain(), timeout=self.cfg.drain_timeout_s)
         except TimeoutError:
             log.warning("drain_timed_out", node_id=self.node_id)
         try:

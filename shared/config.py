@@ -21,6 +21,10 @@ Routing = Literal["routed", "broadcast"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 EventLoop = Literal["auto", "uvloop", "asyncio"]
 
+DRAIN_SHARE: Final = 0.7
+"""Share of BEELINE_SHUTDOWN_TIMEOUT_SECONDS a gateway's drain may use; the cleanup after it gets the rest."""
+DRAIN_FLUSH_S: Final = 1.0
+"""How long the drain lets each socket flush its queue before the 1012 close."""
 DEFAULT_MAILBOX_MAX: Final = 10_000
 DEFAULT_MAILBOX_TTL_S: Final = 7 * 24 * 3600
 
@@ -129,8 +133,21 @@ class GatewayConfig(CommonConfig):
     def default_port(cls) -> int:
         return 8080
 
+    @property
+    def drain_timeout_s(self) -> float:
+        """The share of the shutdown timeout the drain may use; the bounded cleanup after it gets the rest."""
+        return DRAIN_SHARE * self.shutdown_timeout_s
+
     def check(self) -> None:
         self._check_common()
+        if self.drain_window_s < 0 or self.shutdown_timeout_s <= 0:
+            raise ConfigError("BEELINE_DRAIN_WINDOW_SECONDS must be >= 0 and BEELINE_SHUTDOWN_TIMEOUT_SECONDS > 0")
+        if self.drain_window_s + DRAIN_FLUSH_S > self.drain_timeout_s:
+            raise ConfigError(
+                f"BEELINE_DRAIN_WINDOW_SECONDS ({self.drain_window_s}) must leave room in the drain's share of "
+                f"BEELINE_SHUTDOWN_TIMEOUT_SECONDS ({DRAIN_SHARE:.0%} of {self.shutdown_timeout_s} s) for the "
+                f"last socket's {DRAIN_FLUSH_S} s flush"
+            )
         if not self.jwt_secret and not self.jwt_public_key:
             raise ConfigError("the gateway needs BEELINE_JWT_SECRET (or BEELINE_JWT_PUBLIC_KEY) to verify tokens")
         if not self.node_id or any(c in self.node_id for c in "{}:"):

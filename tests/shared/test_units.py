@@ -155,3 +155,13 @@ def test_event_loop_setting() -> None:
                 assert not isinstance(loop, uvloop.Loop)
         finally:
             loop.close()
+
+
+def test_drain_window_must_fit_in_the_shutdown_timeout() -> None:
+    """The drain (window + the last socket's flush) must fit in its share of the shutdown timeout, or the
+    stop would cut the drain short: refused at start with both settings named."""
+    base = {"BEELINE_JWT_SECRET": "s" * 32, "BEELINE_NODE_ID": "g1"}
+    ok = load(GatewayConfig, {**base, "BEELINE_DRAIN_WINDOW_SECONDS": "5", "BEELINE_SHUTDOWN_TIMEOUT_SECONDS": "15"})
+    assert ok.drain_timeout_s == pytest.approx(10.5)
+    with pytest.raises(ConfigError, match=r"BEELINE_DRAIN_WINDOW_SECONDS.*BEELINE_SHUTDOWN_TIMEOUT_SECONDS"):
+        load(GatewayConfig, {**base, "BEELINE_DRAIN_WINDOW_SECONDS": "9", "BEELINE_SHUTDOWN_TIMEOUT_SECONDS": "10"})
