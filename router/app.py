@@ -114,8 +114,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("request_failed", route=route)
         response = json_error(500, "internal", "internal error")
-    router.metrics.http_requests.labels("router", route, str(response.status)).inc()
-    router.metrics.http_latency.labels("router", route).observe(time.perf_counter() - start)
+    router.metrics.observe_http(route, response.status, time.perf_counter() - start)
     return response
 
 

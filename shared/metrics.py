@@ -199,6 +199,7 @@ class Metrics:
         )
         self.info.labels(service=service, version=_version(), node=node).set(1)
         self._redis_ops: dict[str, _RedisOpMetrics] = {}
+        self._http: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._precreate()
 
     def _precreate(self) -> None:
@@ -235,6 +236,18 @@ class Metrics:
                 self.redis_latency.labels(self.service, op), self.redis_errors.labels(self.service, op)
             )
         return TimedRedisOp(timer)
+
+    def observe_http(self, route: str, status: int, seconds: float) -> None:
+        """One handled HTTP request (route is the route template, never the raw path)."""
+        children = self._http.get((route, status))
+        if children is None:
+            children = self._http[route, status] = (
+                self.http_requests.labels(self.service, route, str(status)),
+                self.http_latency.labels(self.service, route),
+            )
+        requests, latency = children
+        requests.inc()
+        latency.observe(seconds)
 
     def reject(self, code: str) -> None:
         self.rejections.labels(self.service, code).inc()
