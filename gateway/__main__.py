@@ -6,12 +6,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from gateway.app import create_app
 from shared.config import GatewayConfig, load_cli
 from shared.logs import configure_logging
-from shared.runtime import new_event_loop, tune_gc
+from shared.runtime import serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,18 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg is None:
         return 2
     configure_logging(cfg.log_level, cfg.log_format, service="gateway", node_id=cfg.node_id)
-    tune_gc()
-    web.run_app(
-        create_app(cfg),
-        host=cfg.host,
-        port=cfg.port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=cfg.shutdown_timeout_s,
-        handle_signals=True,
-        loop=new_event_loop(cfg.event_loop),
-    )
-    return 0
+    return serve("gateway", create_app(cfg), cfg, shutdown_timeout_s=cfg.shutdown_timeout_s)
 
 
 if __name__ == "__main__":

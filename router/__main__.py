@@ -7,12 +7,10 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from router.app import create_app
 from shared.config import RouterConfig, load_cli
 from shared.logs import configure_logging
-from shared.runtime import new_event_loop, tune_gc
+from shared.runtime import serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,17 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg is None:
         return 2
     configure_logging(cfg.log_level, cfg.log_format, service="router", node_id=socket.gethostname())
-    tune_gc()
-    web.run_app(
-        create_app(cfg),
-        host=cfg.host,
-        port=cfg.port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=5,
-        loop=new_event_loop(cfg.event_loop),
-    )
-    return 0
+    return serve("router", create_app(cfg), cfg, shutdown_timeout_s=5)
 
 
 if __name__ == "__main__":

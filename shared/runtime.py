@@ -11,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib
+import sys
 
+from aiohttp import web
+
+from shared.config import CommonConfig
 from shared.errors import ConfigError
 
 
@@ -45,3 +49,24 @@ def tune_gc() -> None:
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+def serve(service: str, app: web.Application, cfg: CommonConfig, *, shutdown_timeout_s: float) -> int:
+    """Runs a service's app until SIGTERM/SIGINT on the configured loop; the process exit code."""
+    try:
+        loop = new_event_loop(cfg.event_loop)
+    except ConfigError as e:
+        print(f"beeline {service}: {e}", file=sys.stderr)
+        return 2
+    tune_gc()
+    web.run_app(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        access_log=None,
+        print=None,
+        shutdown_timeout=shutdown_timeout_s,
+        handle_signals=True,
+        loop=loop,
+    )
+    return 0
