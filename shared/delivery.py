@@ -16,12 +16,12 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.autopipeline import AutoPipeline
 from shared.envelope import STREAM_FIELD, Recipient, StreamEntry
 from shared.keys import Keys
-from shared.redis import OpGuard, RedisClient, is_cluster, untimed
+from shared.redis import OpGuard, RedisClient, untimed
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,57 +73,43 @@ class NodeStreamDelivery:
 
     async def push(self, outgoing: Sequence[Outgoing]) -> list[set[str]]:
         plan: list[tuple[int, str]] = []
-        entries: list[bytes] = []
+        entries: list[tuple[str, bytes]] = []
         unreached: list[set[str]] = [set() for _ in outgoing]
         for index, out in enumerate(outgoing):
             for node_id, recipients in out.targets.items():
-                entries.append(StreamEntry(envelope=out.envelope, recipients=tuple(recipients)).pack())
+                entries.append((node_id, StreamEntry(envelope=out.envelope, recipients=tuple(recipients)).pack()))
                 plan.append((index, node_id))
         if not plan:
             return unreached
-        async with self._guard("stream_push"):
-            if self._fast is not None:
-                ids = await self._fast.execute_many(
-                    [
-                        (
-                            "XADD",
-                            self._keys.node_stream(node_id),
-                            "NOMKSTREAM",
-                            "MAXLEN",
-                            "~",
-                            self._maxlen,
-                            "*",
-                            STREAM_FIELD,
-                            entry,
-                        )
-                        for (_index, node_id), entry in zip(plan, entries, strict=True)
-                    ]
-                )
-            else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for (_index, node_id), entry in zip(plan, entries, strict=True):
-                        self._xadd(pipe, node_id, entry)
-                    ids = await pipe.execute()
+        ids = await self._append_entries(entries)
         for (index, node_id), entry_id in zip(plan, ids, strict=True):
             if entry_id is None:
                 unreached[index].add(node_id)
         return unreached
 
-    def _xadd(self, pipe: object, node_id: str, entry: bytes) -> None:
-        pipe.xadd(  # type: ignore[attr-defined]
-            self._keys.node_stream(node_id),
-            {STREAM_FIELD: entry},
-            maxlen=self._maxlen,
-            approximate=True,
-            nomkstream=True,
-        )
-
     async def disconnect(self, user_id: str, node_ids: Sequence[str]) -> None:
         entry = StreamEntry(envelope=None, disconnect_user=user_id).pack()
-        async with self._guard("stream_push"), self._redis.pipeline(transaction=False) as pipe:
-            for node_id in node_ids:
-                self._xadd(pipe, node_id, entry)
-            await pipe.execute()
+        await self._append_entries([(node_id, entry) for node_id in node_ids])
+
+    async def _append_entries(self, entries: Sequence[tuple[str, bytes]]) -> list[Any]:
+        """XADDs each ``(node, entry)`` to that node's stream in one round trip: an entry id each, or
+        None where the stream no longer exists (its node is gone)."""
+        stream = self._keys.node_stream
+        async with self._guard("stream_push"):
+            if self._fast is not None:
+                return await self._fast.execute_many(
+                    [
+                        ("XADD", stream(node_id), "NOMKSTREAM", "MAXLEN", "~", self._maxlen, "*", STREAM_FIELD, entry)
+                        for node_id, entry in entries
+                    ]
+                )
+            pipeline: Any = self._redis.pipeline(transaction=False)
+            async with pipeline as pipe:
+                for node_id, entry in entries:
+                    pipe.xadd(
+                        stream(node_id), {STREAM_FIELD: entry}, maxlen=self._maxlen, approximate=True, nomkstream=True
+                    )
+                return list(await pipe.execute())
 
 
 class BroadcastDelivery:
@@ -140,23 +126,19 @@ class BroadcastDelivery:
         self._guard = guard
 
     async def push(self, outgoing: Sequence[Outgoing]) -> list[set[str]]:
-        entries = [StreamEntry(envelope=out.envelope, recipients=out.recipients).pack() for out in outgoing]
-        async with self._guard("broadcast_publish"):
-            if self._fast is not None:
-                await self._fast.execute_many([("PUBLISH", self._channel, entry) for entry in entries])
-            elif is_cluster(self._redis):
-                # A cluster pipeline cannot route keyless PUBLISH; the cluster bus fans it out anyway.
-                await asyncio.gather(*(self._redis.publish(self._channel, entry) for entry in entries))
-            else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for entry in entries:
-                        pipe.publish(self._channel, entry)
-                    await pipe.execute()
+        await self._publish([StreamEntry(envelope=out.envelope, recipients=out.recipients).pack() for out in outgoing])
         return [set() for _ in outgoing]
 
     async def disconnect(self, user_id: str, node_ids: Sequence[str]) -> None:
+        await self._publish([StreamEntry(envelope=None, disconnect_user=user_id).pack()])
+
+    async def _publish(self, entries: Sequence[bytes]) -> None:
         async with self._guard("broadcast_publish"):
-            await self._redis.publish(self._channel, StreamEntry(envelope=None, disconnect_user=user_id).pack())
+            if self._fast is not None:
+                await self._fast.execute_many([("PUBLISH", self._channel, entry) for entry in entries])
+            else:
+                # Redis Cluster: a cluster pipeline cannot route keyless PUBLISH; the bus fans it out anyway.
+                await asyncio.gather(*(self._redis.publish(self._channel, entry) for entry in entries))
 
 
 class MemoryDelivery:

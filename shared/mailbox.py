@@ -15,10 +15,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
+
+from redis.commands.core import AsyncScript
 
 from shared.autopipeline import AutoPipeline
 from shared.durability import DurableWriter
@@ -114,42 +116,49 @@ class Mailbox:
         return await self.append_each([Append(envelope, u) for u in user_ids])
 
     async def append_each(self, items: Sequence[Append]) -> list[Appended]:
-        """Appends many messages (each to one user) in one pipelined round trip.
-
-        Redis Cluster clients cannot pipeline scripts (redis-py refuses EVALSHA in a cluster pipeline),
-        so there the appends run concurrently instead: still one round trip of latency per slot owner.
-        """
-        k = self._keys
-
-        def keys_args(item: Append) -> tuple[list[str], list[bytes | int]]:
-            user_id = item.user_id
-            dedup_key = k.user_dedup(user_id, item.dedup_id or "-")
-            return (
-                [k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id), dedup_key],
-                [item.envelope, self._max_len, self._ttl_s, self._dedup_ttl_s if item.dedup_id else 0],
+        """Appends many messages (each to one user) in one round trip (see :meth:`_run_script`)."""
+        calls: list[tuple[list[str], list[Any]]] = [
+            (
+                self._append_keys(i),
+                [i.envelope, self._max_len, self._ttl_s, self._dedup_ttl_s if i.dedup_id else 0],
             )
-
-        def call(item: Append, client: Any = None) -> Awaitable[Any]:
-            keys, args = keys_args(item)
-            return self._append(keys=keys, args=args, client=client)
-
+            for i in items
+        ]
         async with self._guard("mailbox_append"):
-            if self._fast is not None and self._durable is None:
-                raws = await self._fast.evalsha(self._append.sha, self._append.script, [keys_args(i) for i in items])
-            elif self._durable is not None:
-                raws = await self._durable.run([(k.user_meta(i.user_id), partial(call, i)) for i in items])
-            elif len(items) == 1 or is_cluster(self._redis):
-                raws = await asyncio.gather(*(call(item) for item in items))
+            if self._durable is not None:
+                # Each call gets the client to run on (a primary's pipeline); the user meta key routes it.
+                raws = await self._durable.run([(keys[0], partial(self._append, keys, args)) for keys, args in calls])
             else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for item in items:
-                        await call(item, pipe)
-                    raws = await pipe.execute()
+                raws = await self._run_script(self._append, calls)
         appended = [self._appended(i.user_id, raw) for i, raw in zip(items, raws, strict=True)]
         if self._observe is not None:
             for result in appended:
                 self._observe(result.length, result.trimmed, self._max_len)
         return appended
+
+    def _append_keys(self, item: Append) -> list[str]:
+        k, user_id = self._keys, item.user_id
+        return [
+            k.user_meta(user_id),
+            k.mailbox(user_id),
+            k.user_presence(user_id),
+            k.user_dedup(user_id, item.dedup_id or "-"),
+        ]
+
+    async def _run_script(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Runs ``script`` once per ``(keys, args)`` in one round trip: on the coalescing connection when
+        there is one (standalone Redis), else in a pipeline. A Redis Cluster client cannot pipeline
+        scripts (redis-py refuses EVALSHA in a cluster pipeline), so there the calls run concurrently:
+        still one round trip of latency per slot owner."""
+        if self._fast is not None:
+            return await self._fast.evalsha(script.sha, script.script, calls)
+        if len(calls) == 1 or is_cluster(self._redis):
+            return list(await asyncio.gather(*(script(keys=keys, args=args) for keys, args in calls)))
+        pipeline: Any = self._redis.pipeline(transaction=False)  # redis-py types `client` as a client only
+        async with pipeline as pipe:
+            for keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)
+            return list(await pipe.execute())
 
     @staticmethod
     def _appended(user_id: str, raw: Sequence[Any]) -> Appended:
@@ -164,26 +173,14 @@ class Mailbox:
 
     async def open(self, user_id: str) -> SequenceState:
         """The user's sequence state, creating the epoch if the user has none yet."""
-        k = self._keys
-        async with self._guard("mailbox_open"):
-            raw = await self._open(keys=[k.user_meta(user_id), k.mailbox(user_id)], args=[self._ttl_s])
-        return SequenceState(epoch=_text(raw[0]), last_seq=int(raw[1]), acked=int(raw[2]))
+        return (await self.open_many([user_id]))[user_id]
 
     async def open_many(self, user_ids: Sequence[str]) -> dict[str, SequenceState]:
-        """:meth:`open` for many users in one pipelined round trip (a node resyncing all its users)."""
+        """:meth:`open` for many users in one round trip (a node resyncing all its users)."""
         k = self._keys
-
-        def call(user_id: str, client: Any = None) -> Awaitable[Any]:
-            return self._open(keys=[k.user_meta(user_id), k.mailbox(user_id)], args=[self._ttl_s], client=client)
-
+        calls = [([k.user_meta(u), k.mailbox(u)], [self._ttl_s]) for u in user_ids]
         async with self._guard("mailbox_open"):
-            if is_cluster(self._redis):
-                raws = await asyncio.gather(*(call(u) for u in user_ids))
-            else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for user_id in user_ids:
-                        await call(user_id, pipe)
-                    raws = await pipe.execute()
+            raws = await self._run_script(self._open, calls)
         return {
             u: SequenceState(epoch=_text(raw[0]), last_seq=int(raw[1]), acked=int(raw[2]))
             for u, raw in zip(user_ids, raws, strict=True)
