@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -80,6 +81,29 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         await asyncio.sleep(interval)
+
+
+def proc_stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...; Linux). The name
+    may hold spaces or parentheses, so the split is after the last ")". Raises OSError if it is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, waiting for its parent to reap it, counts as gone)."""
+    try:
+        return proc_stat_fields(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
+def http_ok(url: str) -> bool:
+    """GET ``url`` answers 200 within a second."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def redis_server_binary() -> str:
@@ -187,13 +211,7 @@ class Service:
                 pass
         except OSError:
             return False
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"{self.base_url}/readyz", timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        return http_ok(f"{self.base_url}/readyz")
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""

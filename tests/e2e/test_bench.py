@@ -27,6 +27,7 @@ from beeline.bench_stats import (
     resp_bulk_bytes,
     resp_command_bytes,
 )
+from tests.support import alive
 
 BENCH_TIMEOUT_S = 120
 LATENCY_KEYS = {"p50", "p90", "p99", "max", "mean"}
@@ -73,14 +74,6 @@ def run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[s
     )
     assert proc.returncode == 0, f"beeline bench exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc, json.loads(report_path.read_text())
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.redis

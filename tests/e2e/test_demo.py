@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from beeline.demo import DemoOptions, Processes, redis_server_binary, start_redis
-from tests.support import free_port
+from tests.support import alive, free_port, proc_stat_fields
 
 pytestmark = pytest.mark.redis
 
@@ -77,22 +77,12 @@ def child_pids(pid: int) -> set[int]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            fields = proc_stat_fields(int(entry.name))
         except OSError:
             continue
-        # "pid (comm) state ppid ...": comm may hold spaces or parentheses, so split after the last ")".
-        fields = stat.rpartition(")")[2].split()
         if int(fields[1]) == pid:
             children.add(int(entry.name))
     return children
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture

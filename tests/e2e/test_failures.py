@@ -27,6 +27,7 @@ from tests.support import (
     api_send,
     assert_exactly_once_in_order,
     eventually,
+    proc_stat_fields,
     raw_websocket,
     run_load,
     token,
@@ -67,7 +68,7 @@ async def _wait_all_delivered(clients: list[ResumingClient], sent: dict[str, int
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = proc_stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

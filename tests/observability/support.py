@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import ROOT, Service, free_port, wait_until
+from tests.support import ROOT, Service, free_port, http_ok, wait_until
 
 GRAFANA = ROOT / "grafana"
 DASHBOARD = GRAFANA / "beeline-dashboard.json"
@@ -152,11 +151,7 @@ class PrometheusServer:
     def ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{self.logs()}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        return http_ok(f"{self.url}/-/ready")
 
     def logs(self) -> str:
         path = self.dir / "prometheus.log"
