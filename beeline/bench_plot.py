@@ -31,6 +31,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _by_mode(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
     out: dict[str, list[Mapping[str, Any]]] = {}
     for run in runs:
@@ -70,11 +78,7 @@ def plot_redis_bytes(
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_latency_vs_rate(runs: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
@@ -103,11 +107,7 @@ def plot_latency_vs_rate(runs: Sequence[Mapping[str, Any]], path: Path, title: s
     ax.set_title(title or "Latency percentiles vs offered rate", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_cpu(runs: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
@@ -133,11 +133,7 @@ def plot_cpu(runs: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> 
     ax.set_title(title or "Router + gateway CPU per message", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_report(report: Mapping[str, Any], out_dir: Path) -> list[Path]:

@@ -264,25 +264,19 @@ def _version(module: str) -> str:
 
 
 def git_commit(root: Path) -> str:
+    """Short commit of the checkout being measured, ``+dirty`` when tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], check=False, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return ""
-    commit = out.stdout.strip()
-    return f"{commit}{'+dirty' if dirty.stdout.strip() else ''}" if commit else ""
+    return f"{commit}{'+dirty' if dirty else ''}" if commit else ""
 
 
 def machine_info(redis_version: str = "") -> dict[str, Any]:
