@@ -26,7 +26,7 @@ from shared.envelope import Envelope, Recipient
 from shared.errors import EnvelopeDecodeError, StoreUnavailable
 from shared.logs import get_logger
 from shared.mailbox import SequenceState, StoredMessage
-from shared.metrics import PATHS, Metrics
+from shared.metrics import Metrics
 from shared.protocol import CloseCode, FrameCodec, message_frame
 
 log = get_logger("beeline.gateway.connection")
@@ -265,14 +265,7 @@ class Connection:
 
     async def _write_loop(self) -> None:
         ws = self.ws
-        # The labelled children, looked up once per connection rather than once per frame.
-        observed = {
-            path: (
-                self._metrics.delivery_latency.labels(self._node, path),
-                self._metrics.deliveries.labels(self._node, path),
-            )
-            for path in PATHS
-        }
+        delivered = self._metrics.delivered
         try:
             while self.close_code is None:
                 if not self._queue:
@@ -286,9 +279,7 @@ class Connection:
                 else:
                     await ws.send_str(data)
                 if path:
-                    latency, deliveries = observed[path]
-                    latency.observe(max(0.0, time.time() - ts))
-                    deliveries.inc()
+                    delivered(path, max(0.0, time.time() - ts))
                 if not self._room.is_set() and len(self._queue) < self._max_frames // 4:
                     self._room.set()
                 if not self._queue and self._drained is not None:

@@ -200,6 +200,7 @@ class Metrics:
         self.info.labels(service=service, version=_version(), node=node).set(1)
         self._redis_ops: dict[str, _RedisOpMetrics] = {}
         self._http: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._delivered: dict[str, tuple[Histogram, Counter]] = {}  # per path; filled for gateways
         self._precreate()
 
     def _precreate(self) -> None:
@@ -216,9 +217,9 @@ class Metrics:
         if service != "gateway":
             return
         node = self.node
-        for path in PATHS:
-            self.delivery_latency.labels(node, path)
-            self.deliveries.labels(node, path)
+        self._delivered = {
+            path: (self.delivery_latency.labels(node, path), self.deliveries.labels(node, path)) for path in PATHS
+        }
         for gauge in (self.connections, self.presence_users, self.stream_lag, self.stream_length):
             gauge.labels(node).set(0)
         self.connects.labels(node)
@@ -236,6 +237,12 @@ class Metrics:
                 self.redis_latency.labels(self.service, op), self.redis_errors.labels(self.service, op)
             )
         return TimedRedisOp(timer)
+
+    def delivered(self, path: str, latency_s: float) -> None:
+        """One frame written to a receiving socket (gateway), ``latency_s`` after the message was accepted."""
+        latency, count = self._delivered[path]
+        latency.observe(latency_s)
+        count.inc()
 
     def observe_http(self, route: str, status: int, seconds: float) -> None:
         """One handled HTTP request (route is the route template, never the raw path)."""
