@@ -140,15 +140,26 @@ async def test_a_stalled_server_times_out_every_command_in_flight(own_redis: Red
 
 
 async def test_a_cancelled_caller_does_not_shift_the_replies_of_others(own_redis: RedisServer) -> None:
-    fast = pipeline(own_redis)
+    """A caller cancelled while its command is in flight keeps its slot in the reply order: the
+    commands after it still get their own replies."""
+    fast = pipeline(own_redis, timeout_s=10.0)
     try:
-        await fast.execute("SET", "a", "A")
-        await fast.execute("SET", "b", "B")
+        await fast.execute_many([("SET", "a", "A"), ("SET", "b", "B")])
+        # One batch: a BLPOP that holds the connection, then two GETs queued behind it.
+        blocker = asyncio.ensure_future(fast.execute("BLPOP", "q", 5))
         doomed = asyncio.ensure_future(fast.execute("GET", "a"))
         kept = asyncio.ensure_future(fast.execute("GET", "b"))
-        await asyncio.sleep(0)  # both queued in the same batch
+
+        async def in_flight() -> bool:
+            return int((await stat(own_redis, "clients"))["blocked_clients"]) == 1
+
+        await eventually(in_flight, timeout=5, what="the batch to be written and the BLPOP blocked")
         doomed.cancel()
-        assert await kept == b"B"
+        with own_redis.client() as other:
+            other.rpush("q", "go")
+        assert await asyncio.wait_for(blocker, timeout=5) == [b"q", b"go"]
+        assert await asyncio.wait_for(kept, timeout=5) == b"B"
+        assert doomed.cancelled()
         assert await fast.execute("GET", "a") == b"A"
     finally:
         await fast.aclose()
