@@ -14,15 +14,17 @@ async def test_cancelling_a_task_stuck_in_its_cleanup_is_bounded(monkeypatch: py
     read can) must not hold the stop: ``_cancel`` gives up after its bound and leaves it behind."""
     monkeypatch.setattr(gateway_app, "TASK_STOP_TIMEOUT_S", 0.2)
     never = asyncio.Event()
+    started = asyncio.Event()
 
     async def stuck() -> None:
+        started.set()
         try:
             await asyncio.sleep(3600)
         finally:
             await asyncio.shield(never.wait())
 
     task = asyncio.create_task(stuck(), name="stuck")
-    await asyncio.sleep(0)
+    await started.wait()  # inside its try: a task cancelled before it starts has no cleanup to run
     await asyncio.wait_for(gateway_app._cancel(task), timeout=5)
     assert not task.done(), "the stuck task was left behind, not awaited forever"
     never.set()
@@ -32,14 +34,16 @@ async def test_cancelling_a_task_stuck_in_its_cleanup_is_bounded(monkeypatch: py
 
 async def test_cancelling_a_well_behaved_task_waits_for_it() -> None:
     cleaned = asyncio.Event()
+    started = asyncio.Event()
 
     async def polite() -> None:
+        started.set()
         try:
             await asyncio.sleep(3600)
         finally:
             cleaned.set()
 
     task = asyncio.create_task(polite())
-    await asyncio.sleep(0)
+    await started.wait()
     await gateway_app._cancel(task)
     assert task.cancelled() and cleaned.is_set()
