@@ -94,6 +94,7 @@ class Gateway:
             local_node=self.node_id,
             local_handoff=self.hub.handoff,
             metrics=self.metrics,
+            push_in_append=store.push_in_append,
         )
         self.reader: InboundReader
         if cfg.routing == "broadcast":

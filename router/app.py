@@ -51,7 +51,12 @@ class Router:
         self.nodes = store.nodes
         self.delivery = store.delivery
         self.sender = Sender(
-            self.mailbox, self.nodes, self.delivery, max_payload_bytes=cfg.max_payload_bytes, metrics=self.metrics
+            self.mailbox,
+            self.nodes,
+            self.delivery,
+            max_payload_bytes=cfg.max_payload_bytes,
+            metrics=self.metrics,
+            push_in_append=store.push_in_append,
         )
         self.idempotency = IdempotencyStore(store.redis, self.keys, self.metrics, window_s=cfg.idempotency_window_s)
         self._refresher = asyncio.create_task(self._refresh_nodes(), name="node-registry-refresh")

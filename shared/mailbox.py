@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -40,12 +40,16 @@ class Append:
     envelope: bytes
     user_id: str
     dedup_id: str | None = None
+    push_to: tuple[str, ...] = ()
+    """Nodes to push the message to in the same call when the user is connected there (only a
+    mailbox that :attr:`Mailbox.can_push` does; see ``lua/mailbox_append.lua``)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Appended:
     """Result of one append: the assigned seq and epoch, node_id -> connections of the receiver, and
-    the mailbox's length after it with how many old entries the cap trimmed."""
+    the mailbox's length after it with how many old entries the cap trimmed. ``pushed``: node_id ->
+    whether the entry reached that node's stream, for each node of ``push_to`` the user is on."""
 
     user_id: str
     seq: int
@@ -53,6 +57,7 @@ class Appended:
     presence: dict[str, int]
     length: int = 0
     trimmed: int = 0
+    pushed: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +102,11 @@ class Mailbox:
         durable: DurableWriter | None = None,
         dedup_ttl_s: int = 0,
         fast: AutoPipeline | None = None,
+        stream_maxlen: int = 0,
     ) -> None:
         self._redis = redis
         self._fast = fast
+        self._stream_maxlen = stream_maxlen
         self._dedup_ttl_s = dedup_ttl_s
         self._durable = durable
         self._observe = observe
@@ -111,19 +118,19 @@ class Mailbox:
         self._open = redis.register_script(lua_source("mailbox_open"))
         self._ack = redis.register_script(lua_source("mailbox_ack"))
 
+    @property
+    def can_push(self) -> bool:
+        """Whether an append also pushes to the nodes in :attr:`Append.push_to`: only on one standalone
+        Redis (the script touches node streams outside the user's slot) without durable writes."""
+        return self._fast is not None and self._durable is None and self._stream_maxlen > 0
+
     async def append(self, envelope: bytes, user_ids: Sequence[str]) -> list[Appended]:
         """Appends one envelope to each user's mailbox in one pipelined round trip."""
         return await self.append_each([Append(envelope, u) for u in user_ids])
 
     async def append_each(self, items: Sequence[Append]) -> list[Appended]:
         """Appends many messages (each to one user) in one round trip (see :meth:`_run_script`)."""
-        calls: list[tuple[list[str], list[Any]]] = [
-            (
-                self._append_keys(i),
-                [i.envelope, self._max_len, self._ttl_s, self._dedup_ttl_s if i.dedup_id else 0],
-            )
-            for i in items
-        ]
+        calls = [self._append_call(i) for i in items]
         async with self._guard("mailbox_append"):
             if self._durable is not None:
                 # Each call gets the client to run on (a primary's pipeline); the user meta key routes it.
@@ -136,14 +143,15 @@ class Mailbox:
                 self._observe(result.length, result.trimmed, self._max_len)
         return appended
 
-    def _append_keys(self, item: Append) -> list[str]:
+    def _append_call(self, item: Append) -> tuple[list[str], list[Any]]:
         k, user_id = self._keys, item.user_id
-        return [
-            k.user_meta(user_id),
-            k.mailbox(user_id),
-            k.user_presence(user_id),
-            k.user_dedup(user_id, item.dedup_id or "-"),
-        ]
+        dedup = k.user_dedup(user_id, item.dedup_id or "-")
+        keys = [k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id), dedup]
+        args: list[Any] = [item.envelope, self._max_len, self._ttl_s, self._dedup_ttl_s if item.dedup_id else 0]
+        if item.push_to and self.can_push:
+            keys.extend(k.node_stream(n) for n in item.push_to)
+            args.extend((user_id, self._stream_maxlen, *item.push_to))
+        return keys, args
 
     async def _run_script(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """Runs ``script`` once per ``(keys, args)`` in one round trip: on the coalescing connection when
@@ -169,6 +177,7 @@ class Mailbox:
             presence=_pairs_to_counts(raw[2]),
             length=int(raw[3]),
             trimmed=int(raw[4]),
+            pushed={_text(raw[5][i]): bool(raw[5][i + 1]) for i in range(0, len(raw[5]), 2)},
         )
 
     async def open(self, user_id: str) -> SequenceState:

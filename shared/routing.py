@@ -59,6 +59,8 @@ class MailboxStore(Protocol):
 
 
 class LiveFilter(Protocol):
+    def live_nodes(self) -> Sequence[str]: ...
+
     async def live_subset(self, presence: Mapping[str, int]) -> dict[str, int]: ...
 
 
@@ -98,8 +100,10 @@ class Sender:
         local_node: str | None = None,
         local_handoff: LocalHandoff | None = None,
         metrics: SendCounter | None = None,
+        push_in_append: bool = False,
     ) -> None:
         self._metrics = metrics
+        self._push_in_append = push_in_append
         self._mailbox = mailbox
         self._nodes = nodes
         self._delivery = delivery
@@ -124,10 +128,13 @@ class Sender:
         reaches the receiver by gap fill or on reconnect, so its status reports ``stored``.
         """
         packed = [self.pack(m.envelope) for m in messages]
+        # A one-receiver message is pushed by its append to the nodes already known live (one round trip
+        # instead of two); a many-receiver one keeps one entry per node for all its receivers there.
+        push_to = self._push_candidates()
         try:
             appended = await self._mailbox.append_each(
                 [
-                    Append(p, u, m.envelope.msg_id if m.idempotent else None)
+                    Append(p, u, m.envelope.msg_id if m.idempotent else None, push_to if len(m.to) == 1 else ())
                     for p, m in zip(packed, messages, strict=True)
                     for u in m.to
                 ]
@@ -150,7 +157,7 @@ class Sender:
         for rows, missing in zip(statuses, unreached, strict=True):
             per_message = []
             for item, status, nodes in rows:
-                reached = tuple(n for n in nodes if n not in missing)
+                reached = tuple(n for n in nodes if n not in missing and item.pushed.get(n, True))
                 final = status if reached else STORED
                 per_message.append(SendResult(item.user_id, item.seq, item.epoch, final, reached))
             results.append(per_message)
@@ -171,6 +178,11 @@ class Sender:
                     statuses=sorted({r.status for r in per_message}),
                 )
 
+    def _push_candidates(self) -> tuple[str, ...]:
+        if not self._push_in_append:
+            return ()
+        return tuple(n for n in self._nodes.live_nodes() if n != self._local_node)
+
     async def _plan(
         self, envelope: Envelope, envelope_bytes: bytes, appended: Sequence[Appended]
     ) -> tuple[Outgoing, list[tuple[Appended, str, tuple[str, ...]]]]:
@@ -178,10 +190,11 @@ class Sender:
         local: list[Recipient] = []
         rows = []
         for item in appended:
-            live = await self._nodes.live_subset(item.presence)
-            nodes = tuple(sorted(live))
+            unpushed = {n: c for n, c in item.presence.items() if n not in item.pushed}
+            live = await self._nodes.live_subset(unpushed) if unpushed else {}
+            nodes = tuple(sorted([*live, *item.pushed]))
             recipient = Recipient(item.user_id, item.seq, item.epoch)
-            for node_id in nodes:
+            for node_id in live:
                 if node_id == self._local_node:
                     local.append(recipient)
                 else:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from shared.autopipeline import AutoPipeline
 from shared.config import CommonConfig
-from shared.delivery import Delivery, create_delivery
+from shared.delivery import Delivery, NodeStreamDelivery, create_delivery
 from shared.durability import DurableWriter
 from shared.keys import Keys
 from shared.mailbox import Mailbox
@@ -55,6 +55,7 @@ class Store:
                 durable=durable,
                 dedup_ttl_s=dedup_ttl_s,
                 fast=fast,
+                stream_maxlen=cfg.stream_maxlen,
             ),
             presence=RedisPresenceDirectory(redis, keys, guard=guard),
             nodes=NodeRegistry(
@@ -64,6 +65,11 @@ class Store:
             durable=durable,
             fast=fast,
         )
+
+    @property
+    def push_in_append(self) -> bool:
+        """Whether routed sends push in the mailbox append itself (see :attr:`Mailbox.can_push`)."""
+        return self.delivery.mode == NodeStreamDelivery.mode and self.mailbox.can_push
 
     async def aclose(self) -> None:
         if self.fast is not None:

@@ -1,22 +1,26 @@
-"""One contract, every transport (broadcaster-style): the Sender over the memory, routed (node streams)
-and broadcast (pub/sub) deliveries, with the real mailbox and node registry on the suite's Redis."""
+"""One contract, every transport (broadcaster-style): the Sender over the memory, routed (node streams,
+pushed after the append or by the append itself) and broadcast (pub/sub) deliveries, with the real
+mailbox and node registry on the suite's Redis."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from shared.autopipeline import AutoPipeline
 from shared.delivery import BroadcastDelivery, Delivery, MemoryDelivery, NodeStreamDelivery
-from shared.envelope import STREAM_FIELD, Envelope, StreamEntry
+from shared.envelope import STREAM_FIELD, Envelope, Recipient, StreamEntry
 from shared.keys import Keys
 from shared.mailbox import Mailbox
 from shared.nodes import NodeInfo, NodeRegistry
 from shared.presence import RedisPresenceDirectory
 from shared.redis import RedisClient
 from shared.routing import Message, Sender
+from tests.support import RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -33,19 +37,31 @@ class Inbox:
         return {r.user_id for e in self.by_node[node] for r in e.recipients}
 
 
-@pytest.fixture(params=["memory", "routed", "broadcast"])
+@dataclass
+class Transport:
+    """A delivery, what each node received through it (``collect`` gathers it), and the mailbox."""
+
+    delivery: Delivery
+    inbox: Inbox
+    collect: Callable[[], Any]
+    mailbox: Mailbox
+    push_in_append: bool = False
+
+
+@pytest.fixture(params=["memory", "routed", "routed-in-append", "broadcast"])
 async def transport(
-    request: pytest.FixtureRequest, redis_client: RedisClient, keys: Keys
-) -> AsyncIterator[tuple[Delivery, Inbox, Callable[[], Any]]]:
+    request: pytest.FixtureRequest, redis_client: RedisClient, keys: Keys, redis_server: RedisServer
+) -> AsyncIterator[Transport]:
     inbox = Inbox()
     kind = request.param
+    mailbox = Mailbox(redis_client, keys, max_len=100, ttl_s=60)
     if kind == "memory":
         memory = MemoryDelivery()
         for node in NODES:
             memory.nodes[node] = inbox.by_node[node].append
-        yield memory, inbox, lambda: asyncio.sleep(0)
+        yield Transport(memory, inbox, lambda: asyncio.sleep(0), mailbox)
         return
-    if kind == "routed":
+    if kind.startswith("routed"):
         for node in NODES:
             await redis_client.xgroup_create(keys.node_stream(node), "g", id="$", mkstream=True)
 
@@ -54,7 +70,14 @@ async def transport(
                 for _, fields in await redis_client.xrange(keys.node_stream(node)):
                     inbox.by_node[node].append(StreamEntry.unpack(fields[STREAM_FIELD]))
 
-        yield NodeStreamDelivery(redis_client, keys, stream_maxlen=1000), inbox, collect_streams
+        fast = None
+        if kind == "routed-in-append":
+            fast = AutoPipeline(redis_server.url, timeout_s=5.0, connect_timeout_s=1.0)
+            mailbox = Mailbox(redis_client, keys, max_len=100, ttl_s=60, fast=fast, stream_maxlen=1000)
+        delivery = NodeStreamDelivery(redis_client, keys, stream_maxlen=1000, fast=fast)
+        yield Transport(delivery, inbox, collect_streams, mailbox, push_in_append=fast is not None)
+        if fast is not None:
+            await fast.aclose()
         return
     pubsub = redis_client.pubsub()
     await pubsub.subscribe(keys.broadcast_channel())
@@ -66,16 +89,16 @@ async def transport(
             for node in NODES:  # every node reads the one channel
                 inbox.by_node[node].append(entry)
 
-    yield BroadcastDelivery(redis_client, keys), inbox, collect_pubsub
+    yield Transport(BroadcastDelivery(redis_client, keys), inbox, collect_pubsub, mailbox)
     await pubsub.aclose()
 
 
 async def test_every_live_receiver_is_reached_once_per_node(
-    transport: tuple[Delivery, Inbox, Callable[[], Any]], redis_client: RedisClient, keys: Keys
+    transport: Transport, redis_client: RedisClient, keys: Keys
 ) -> None:
     """Receivers on live nodes are pushed (routed/memory: exactly one entry per node, naming only that
     node's receivers); offline receivers and dead nodes get `stored`; every receiver gets a seq."""
-    delivery, inbox, collect = transport
+    delivery, inbox, collect = transport.delivery, transport.inbox, transport.collect
     presence = RedisPresenceDirectory(redis_client, keys)
     registry = NodeRegistry(redis_client, keys, dead_after_s=30, key_ttl_s=60)
     for node in NODES:
@@ -84,7 +107,9 @@ async def test_every_live_receiver_is_reached_once_per_node(
     await presence.register("u2", "n1")
     await presence.register("u3", "n2")
     await presence.register("u5", "ghost-node")  # never beat: dead
-    sender = Sender(Mailbox(redis_client, keys, max_len=100, ttl_s=60), registry, delivery, max_payload_bytes=65536)
+    sender = Sender(
+        transport.mailbox, registry, delivery, max_payload_bytes=65536, push_in_append=transport.push_in_append
+    )
     message = Message(Envelope.create(sender="s", channel="c", payload="x"), ("u1", "u2", "u3", "u4", "u5"))
     [results] = await sender.send([message])
     await collect()
@@ -107,20 +132,21 @@ async def test_every_live_receiver_is_reached_once_per_node(
 
 
 async def test_sender_serves_its_own_node_without_a_push(
-    transport: tuple[Delivery, Inbox, Callable[[], Any]], redis_client: RedisClient, keys: Keys
+    transport: Transport, redis_client: RedisClient, keys: Keys
 ) -> None:
     """A receiver on the sender's own node is handed over in-process: status `local`, no push to it."""
-    delivery, inbox, collect = transport
+    delivery, inbox, collect = transport.delivery, transport.inbox, transport.collect
     presence = RedisPresenceDirectory(redis_client, keys)
     registry = NodeRegistry(redis_client, keys, dead_after_s=30, key_ttl_s=60)
     await registry.beat(NodeInfo("n1", 0, 0, False))
     await presence.register("u1", "n1")
     handed: list[tuple[str, int]] = []
     sender = Sender(
-        Mailbox(redis_client, keys, max_len=100, ttl_s=60),
+        transport.mailbox,
         registry,
         delivery,
         max_payload_bytes=65536,
+        push_in_append=transport.push_in_append,
         local_node="n1",
         local_handoff=lambda env, packed, rs: handed.extend((r.user_id, r.seq) for r in rs),
     )
@@ -130,3 +156,68 @@ async def test_sender_serves_its_own_node_without_a_push(
     assert handed == [("u1", 1)]
     if delivery.mode != "broadcast":
         assert inbox.by_node["n1"] == []
+
+
+class RecordingDelivery(NodeStreamDelivery):
+    """The routed transport, recording which nodes still needed a push after the append."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.targets: list[str] = []
+
+    async def push(self, outgoing: Any) -> list[set[str]]:
+        self.targets.extend(n for out in outgoing for n in out.targets)
+        return await super().push(outgoing)
+
+
+@pytest.mark.parametrize("payload_chars", [10, 300, 70_000])  # msgpack bin8, bin16 and bin32 envelopes
+async def test_a_one_receiver_send_is_pushed_by_its_append(
+    payload_chars: int, redis_client: RedisClient, keys: Keys, redis_server: RedisServer
+) -> None:
+    """On one standalone Redis the append pushes to the receiver's live nodes itself: the stream entry
+    is byte for byte what StreamEntry.pack makes; a node the cached view does not know is still checked
+    and pushed after the append; a live node whose stream is gone reports `stored`."""
+    nodes = ("n1", "n2", "late", "gone")
+    for node in nodes:
+        await redis_client.xgroup_create(keys.node_stream(node), "g", id="$", mkstream=True)
+    registry = NodeRegistry(redis_client, keys, dead_after_s=30, key_ttl_s=60)
+    for node in ("n1", "n2", "gone"):
+        await registry.beat(NodeInfo(node, 0, 0, False))
+    await registry.refresh()
+    await registry.beat(NodeInfo("late", 0, 0, False))  # registered after the sender's view was read
+    await redis_client.delete(keys.node_stream("gone"))
+    presence = RedisPresenceDirectory(redis_client, keys)
+    for user, node in (("u1", "n1"), ("u2", "n2"), ("u2", "n1"), ("u3", "late"), ("u4", "gone")):
+        await presence.register(user, node)
+    fast = AutoPipeline(redis_server.url, timeout_s=5.0, connect_timeout_s=1.0)
+    try:
+        mailbox = Mailbox(redis_client, keys, max_len=100, ttl_s=60, fast=fast, stream_maxlen=1000)
+        assert mailbox.can_push
+        delivery = RecordingDelivery(redis_client, keys, stream_maxlen=1000, fast=fast)
+        sender = Sender(mailbox, registry, delivery, max_payload_bytes=1 << 20, push_in_append=True)
+        messages = [
+            Message(Envelope.create(sender="s", channel="c", payload="x" * payload_chars), (user,))
+            for user in ("u1", "u2", "u3", "u4", "u5", "u1")
+        ]
+        results = [r for per_message in await sender.send(messages) for r in per_message]
+    finally:
+        await fast.aclose()
+    assert [(r.to, r.seq, r.status, r.nodes) for r in results] == [
+        ("u1", 1, "routed", ("n1",)),
+        ("u2", 1, "routed", ("n1", "n2")),
+        ("u3", 1, "routed", ("late",)),
+        ("u4", 1, "stored", ()),
+        ("u5", 1, "stored", ()),
+        ("u1", 2, "routed", ("n1",)),
+    ]
+    assert delivery.targets == ["late"]  # everything else went out with the append
+    streams = {n: await redis_client.xrange(keys.node_stream(n)) for n in ("n1", "n2", "late")}
+    expected = {
+        "n1": [(messages[0], results[0]), (messages[1], results[1]), (messages[5], results[5])],
+        "n2": [(messages[1], results[1])],
+        "late": [(messages[2], results[2])],
+    }
+    for node, entries in streams.items():
+        assert [bytes(fields[STREAM_FIELD]) for _, fields in entries] == [
+            StreamEntry(m.envelope.pack(), (Recipient(r.to, r.seq, r.epoch),)).pack() for m, r in expected[node]
+        ]
