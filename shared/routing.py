@@ -128,13 +128,16 @@ class Sender:
         reaches the receiver by gap fill or on reconnect, so its status reports ``stored``.
         """
         packed = [self.pack(m.envelope) for m in messages]
-        # A one-receiver message is pushed by its append to the nodes already known live (one round trip
-        # instead of two); a many-receiver one keeps one entry per node for all its receivers there.
-        push_to = self._push_candidates()
+        # A lone one-receiver message is pushed by its append to the nodes already known live: one round
+        # trip instead of two. A many-receiver message keeps one entry per node for all its receivers
+        # there, and a batch keeps its pushes in one burst after the appends, which each gateway then
+        # reads at once (pushed from the appends, they would trickle in between the scripts and wake the
+        # gateways for a few entries each: measured 2.5x the reads).
+        push_to = self._push_candidates() if len(messages) == 1 and len(messages[0].to) == 1 else ()
         try:
             appended = await self._mailbox.append_each(
                 [
-                    Append(p, u, m.envelope.msg_id if m.idempotent else None, push_to if len(m.to) == 1 else ())
+                    Append(p, u, m.envelope.msg_id if m.idempotent else None, push_to)
                     for p, m in zip(packed, messages, strict=True)
                     for u in m.to
                 ]

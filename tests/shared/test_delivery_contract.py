@@ -174,9 +174,10 @@ class RecordingDelivery(NodeStreamDelivery):
 async def test_a_one_receiver_send_is_pushed_by_its_append(
     payload_chars: int, redis_client: RedisClient, keys: Keys, redis_server: RedisServer
 ) -> None:
-    """On one standalone Redis the append pushes to the receiver's live nodes itself: the stream entry
-    is byte for byte what StreamEntry.pack makes; a node the cached view does not know is still checked
-    and pushed after the append; a live node whose stream is gone reports `stored`."""
+    """On one standalone Redis the append of a lone one-receiver message pushes to the receiver's live
+    nodes itself: the stream entry is byte for byte what StreamEntry.pack makes; a node the cached view
+    does not know is still checked and pushed after the append; a live node whose stream is gone reports
+    `stored`; a batch is pushed after its appends."""
     nodes = ("n1", "n2", "late", "gone")
     for node in nodes:
         await redis_client.xgroup_create(keys.node_stream(node), "g", id="$", mkstream=True)
@@ -199,7 +200,12 @@ async def test_a_one_receiver_send_is_pushed_by_its_append(
             Message(Envelope.create(sender="s", channel="c", payload="x" * payload_chars), (user,))
             for user in ("u1", "u2", "u3", "u4", "u5", "u1")
         ]
-        results = [r for per_message in await sender.send(messages) for r in per_message]
+        results = []
+        for message in messages:
+            [per_message] = await sender.send([message])
+            results.extend(per_message)
+        # A batch keeps its pushes in one burst after the appends.
+        await sender.send([Message(Envelope.create(sender="s", channel="c", payload=0), ("u1",))] * 2)
     finally:
         await fast.aclose()
     assert [(r.to, r.seq, r.status, r.nodes) for r in results] == [
@@ -210,14 +216,14 @@ async def test_a_one_receiver_send_is_pushed_by_its_append(
         ("u5", 1, "stored", ()),
         ("u1", 2, "routed", ("n1",)),
     ]
-    assert delivery.targets == ["late"]  # everything else went out with the append
+    assert delivery.targets == ["late", "n1", "n1"]  # the other one-receiver sends went out with the append
     streams = {n: await redis_client.xrange(keys.node_stream(n)) for n in ("n1", "n2", "late")}
     expected = {
-        "n1": [(messages[0], results[0]), (messages[1], results[1]), (messages[5], results[5])],
+        "n1": [(messages[0], results[0]), (messages[1], results[1]), (messages[5], results[5])],  # then the batch
         "n2": [(messages[1], results[1])],
         "late": [(messages[2], results[2])],
     }
     for node, entries in streams.items():
-        assert [bytes(fields[STREAM_FIELD]) for _, fields in entries] == [
+        assert [bytes(fields[STREAM_FIELD]) for _, fields in entries][: len(expected[node])] == [
             StreamEntry(m.envelope.pack(), (Recipient(r.to, r.seq, r.epoch),)).pack() for m, r in expected[node]
         ]
