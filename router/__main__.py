@@ -7,7 +7,8 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from router.app import create_app
+from router.app import ROUTER_KEY, create_app
+from router.fastpath import FastPathFront
 from shared.config import RouterConfig, load_cli
 from shared.logs import configure_logging
 from shared.runtime import serve
@@ -18,7 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg is None:
         return 2
     configure_logging(cfg.log_level, cfg.log_format, service="router", node_id=socket.gethostname())
-    return serve("router", create_app(cfg), cfg, shutdown_timeout_s=5)
+    app = create_app(cfg)
+    router = app[ROUTER_KEY]
+    return serve("router", app, cfg, shutdown_timeout_s=5, front=lambda fallback: FastPathFront(router, fallback))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -18,7 +19,6 @@ from router.idempotency import IdempotencyStore
 from shared.auth import ApiKeys, bearer
 from shared.config import RouterConfig
 from shared.errors import AuthError, InvalidRequest, StoreUnavailable
-from shared.http import json_error
 from shared.keys import Keys
 from shared.logs import get_logger
 from shared.metrics import Metrics
@@ -89,6 +89,45 @@ SCOPE_KEY: Final = "beeline.api_scope"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """How a failed request is answered: status, stable error code, message and extra headers."""
+
+    status: int
+    code: str
+    message: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+def error_reply(router: Router, error: Exception, route: str) -> ErrorReply:
+    """Maps a request's exception to its answer and counts rejections; unexpected ones are logged."""
+    if isinstance(error, AuthError):
+        router.metrics.reject("unauthorized")
+        return ErrorReply(401, "unauthorized", str(error), {"WWW-Authenticate": "Bearer"})
+    if isinstance(error, InvalidRequest):
+        router.metrics.reject(error.code)
+        return ErrorReply(413 if error.code == "payload_too_large" else 400, error.code, error.message)
+    if isinstance(error, StoreUnavailable):
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        return ErrorReply(503, "unavailable", "message store unavailable; retry later", retry)
+    if isinstance(error, web.HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(error.status, "http_error")
+        return ErrorReply(error.status, code, error.reason)
+    log.error("request_failed", route=route, exc_info=error)
+    return ErrorReply(500, "internal", "internal error")
+
+
+def authenticate(router: Router, authorization: str | None) -> str:
+    """The API key's scope, from the Authorization header; raises :class:`AuthError`."""
+    token = bearer(authorization)
+    if token is None:
+        raise AuthError("missing bearer API key")
+    return router.api_keys.check(token)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticates, maps errors to JSON responses, and counts requests by route and status."""
@@ -98,39 +137,28 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     response: web.StreamResponse
     try:
         if request.path not in PUBLIC_PATHS:
-            token = bearer(request.headers.get("Authorization"))
-            if token is None:
-                raise AuthError("missing bearer API key")
-            request[SCOPE_KEY] = router.api_keys.check(token)
+            request[SCOPE_KEY] = authenticate(router, request.headers.get("Authorization"))
         response = await handler(request)
-    except AuthError as e:
-        router.metrics.reject("unauthorized")
-        response = json_error(401, "unauthorized", str(e))
-        response.headers["WWW-Authenticate"] = "Bearer"
-    except InvalidRequest as e:
-        router.metrics.reject(e.code)
-        status = 413 if e.code == "payload_too_large" else 400
-        response = json_error(status, e.code, e.message)
-    except StoreUnavailable:
-        response = json_error(503, "unavailable", "message store unavailable; retry later", retry_after=RETRY_AFTER_S)
-    except web.HTTPException as e:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status, "http_error")
-        response = json_error(e.status, code, e.reason)
-    except Exception:
-        log.exception("request_failed", route=route)
-        response = json_error(500, "internal", "internal error")
+    except Exception as e:  # every failure gets a JSON answer; unexpected ones are logged
+        reply = error_reply(router, e, route)
+        response = web.json_response(reply.as_json(), status=reply.status, headers=reply.headers)
     router.metrics.observe_http(route, response.status, time.perf_counter() - start)
     return response
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; raises :class:`InvalidRequest` otherwise."""
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequest("bad_json", "request body must be a JSON object") from None
     if not isinstance(body, dict):
         raise InvalidRequest("bad_json", "request body must be a JSON object")
     return body
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    return parse_json_object(await request.read())
 
 
 def create_app(cfg: RouterConfig, *, registry: CollectorRegistry | None = None) -> web.Application:

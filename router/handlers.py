@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from typing import Any, Final
 
 from aiohttp import web
@@ -24,17 +25,26 @@ DEFAULT_SENDER: Final = "system"
 
 
 def _message(router: Router, body: dict[str, Any], request: web.Request, index: int = 0) -> Message:
+    return parse_message(router, body, request[SCOPE_KEY], request.headers.get("Idempotency-Key"), index)
+
+
+def parse_message(router: Router, body: dict[str, Any], scope: str, key: str | None, index: int = 0) -> Message:
     """Validates one send. Under an Idempotency-Key the msg id is derived from (API key, key, index),
     so a retry carries the same id and the mailbox appends it at most once per receiver."""
     parsed = parse_send(body, max_receivers=router.cfg.max_receivers)
     sender = body.get("from", DEFAULT_SENDER)
     valid_user_id(sender, "from")
-    key = request.headers.get("Idempotency-Key")
     msg_id = None
     if key is not None:
-        msg_id = hashlib.sha256(f"{request[SCOPE_KEY]}\0{key}\0{index}".encode()).hexdigest()[:32]
+        msg_id = hashlib.sha256(f"{scope}\0{key}\0{index}".encode()).hexdigest()[:32]
     envelope = Envelope.create(sender=sender, channel=parsed.channel, payload=parsed.payload, msg_id=msg_id)
     return Message(envelope, parsed.to, idempotent=key is not None)
+
+
+async def send_one(router: Router, message: Message) -> dict[str, Any]:
+    """Sends one message; the 202 body ``{id, results}``."""
+    [results] = await router.sender.send([message])
+    return _message_result(message, results)
 
 
 def _message_result(message: Message, results: list[SendResult]) -> dict[str, Any]:
@@ -59,11 +69,7 @@ async def send_message(request: web.Request) -> web.Response:
     raw = await request.read()
     message = _message(router, await read_json(request), request)
 
-    async def make() -> dict[str, Any]:
-        [results] = await router.sender.send([message])
-        return _message_result(message, results)
-
-    return await _idempotent(request, raw, make)
+    return await _idempotent(request, raw, partial(send_one, router, message))
 
 
 async def send_batch(request: web.Request) -> web.Response:

@@ -9,9 +9,12 @@ not installed, and ``asyncio`` opts out (to rule it out while debugging).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib
 import sys
+from collections.abc import Callable
+from typing import Protocol
 
 from aiohttp import web
 
@@ -51,22 +54,103 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
-def serve(service: str, app: web.Application, cfg: CommonConfig, *, shutdown_timeout_s: float) -> int:
-    """Runs a service's app until SIGTERM/SIGINT on the configured loop; the process exit code."""
+class Front(Protocol):
+    """A protocol factory in front of aiohttp's: each connection starts on it and may be handed over."""
+
+    def __call__(self) -> asyncio.BaseProtocol: ...
+
+    async def close(self, timeout_s: float) -> None:
+        """Lets requests in progress finish (bounded), then closes the connections it still holds."""
+        ...
+
+
+FrontFactory = Callable[[Callable[[], asyncio.BaseProtocol]], Front]
+"""Builds a :class:`Front` around aiohttp's protocol factory (its fallback)."""
+
+
+class _FrontedSite(web.TCPSite):
+    """aiohttp's TCP site, except that connections start on a :class:`Front`."""
+
+    __slots__ = ("_close_timeout_s", "_front", "_make_front")
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, make_front: FrontFactory, timeout_s: float):
+        super().__init__(runner, host, port)
+        self._make_front = make_front
+        self._front: Front | None = None
+        self._close_timeout_s = timeout_s
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner
+        fallback = self._runner.server
+        assert fallback is not None  # the runner is set up before any site exists
+        self._front = self._make_front(fallback)
+        self._server = await asyncio.get_running_loop().create_server(
+            self._front, self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address
+        )
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self._front is not None:
+            await self._front.close(self._close_timeout_s)
+
+
+def serve(
+    service: str,
+    app: web.Application,
+    cfg: CommonConfig,
+    *,
+    shutdown_timeout_s: float,
+    front: FrontFactory | None = None,
+) -> int:
+    """Runs a service's app until SIGTERM/SIGINT on the configured loop; the process exit code.
+
+    With ``front``, connections start on it (the router's fast path) instead of on aiohttp's protocol;
+    the run and shutdown sequence is otherwise ``web.run_app``'s.
+    """
     try:
         loop = new_event_loop(cfg.event_loop)
     except ConfigError as e:
         print(f"beeline {service}: {e}", file=sys.stderr)
         return 2
     tune_gc()
-    web.run_app(
-        app,
-        host=cfg.host,
-        port=cfg.port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=shutdown_timeout_s,
-        handle_signals=True,
-        loop=loop,
-    )
+    if front is None:
+        web.run_app(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            access_log=None,
+            print=None,
+            shutdown_timeout=shutdown_timeout_s,
+            handle_signals=True,
+            loop=loop,
+        )
+        return 0
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_run_fronted(app, cfg, front, shutdown_timeout_s))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        if not main.done():
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(main)
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        asyncio.set_event_loop(None)
     return 0
+
+
+async def _run_fronted(app: web.Application, cfg: CommonConfig, front: FrontFactory, shutdown_timeout_s: float) -> None:
+    runner = web.AppRunner(app, access_log=None, handle_signals=True, shutdown_timeout=shutdown_timeout_s)
+    await runner.setup()
+    try:
+        await _FrontedSite(runner, cfg.host, cfg.port, front, shutdown_timeout_s).start()
+        await asyncio.Event().wait()  # until a signal raises GracefulExit
+    finally:
+        await runner.cleanup()
