@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from shared.errors import InvalidRequest, StoreUnavailable
 from shared.keys import Keys
@@ -78,7 +78,7 @@ class IdempotencyStore:
         delay = 0.005
         while True:
             async with self._metrics.redis_op("idempotency_get"):
-                value: bytes | None = await self._redis.get(name)
+                value = cast("bytes | None", await self._redis.get(name))  # the client returns bytes
             if value is None:
                 raise IdempotencyConflict(
                     "idempotency_retry", "the first request with this key failed; retry the request", 409

@@ -48,7 +48,9 @@ def _error(reply: hiredis.ReplyError) -> redis_exceptions.RedisError:
 class _RespProtocol(asyncio.Protocol):
     """One connection: replies are matched to waiters in the order the commands were written."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Kept: asyncio.get_running_loop() costs a getpid() syscall per call on Python 3.11.
+        self.loop = loop
         self.reader = hiredis.Reader()
         self.waiters: deque[asyncio.Future[Any]] = deque()
         self.transport: asyncio.Transport | None = None
@@ -173,7 +175,7 @@ class AutoPipeline:
         return self._send(protocol, commands)
 
     def _send(self, protocol: _RespProtocol, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
-        loop = asyncio.get_running_loop()
+        loop = protocol.loop
         futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
         protocol.waiters.extend(futures)
         # hiredis's stub types the argument as a 1-tuple; any tuple of these types is accepted.
@@ -189,7 +191,7 @@ class AutoPipeline:
         if protocol.closed or protocol.transport is None:
             return  # its waiters were failed when it closed
         protocol.transport.write(b"".join(queue))
-        loop = asyncio.get_running_loop()
+        loop = protocol.loop
         protocol.in_flight.append((loop.time(), protocol.answered + len(protocol.waiters)))
         if protocol.watchdog is None:
             protocol.watchdog = loop.call_later(self._timeout_s, self._watch, protocol)
@@ -206,7 +208,7 @@ class AutoPipeline:
             in_flight.popleft()
         if not in_flight:
             return
-        loop = asyncio.get_running_loop()
+        loop = protocol.loop
         overdue = loop.time() - in_flight[0][0] - self._timeout_s
         if overdue >= 0:
             protocol.abort(redis_exceptions.TimeoutError(f"no reply from redis within {self._timeout_s} s"))
@@ -220,7 +222,7 @@ class AutoPipeline:
             if self._protocol is not None and not self._protocol.closed:
                 return self._protocol
             loop = asyncio.get_running_loop()
-            protocol = _RespProtocol()
+            protocol = _RespProtocol(loop)
             try:
                 async with asyncio.timeout(self._connect_timeout_s):
                     if self._unix_path:
