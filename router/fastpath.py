@@ -145,10 +145,12 @@ class FastPathProtocol(asyncio.Protocol):
             self._transport.pause_reading()
 
     def eof_received(self) -> bool | None:
+        # A client that half-closed after its requests still gets every answer; then the connection
+        # closes. Returning None lets the transport close itself at once.
+        self._eof = True
         if self.answering is None:
-            return None  # the transport closes itself
-        self._eof = True  # a client that half-closed after its request still gets the answer
-        return True
+            self._next()
+        return True if self.answering is not None else None
 
     def close_if_idle_since(self, deadline: float) -> None:
         if self.answering is None and self._last_active < deadline:
@@ -161,7 +163,7 @@ class FastPathProtocol(asyncio.Protocol):
     def _next(self) -> None:
         """Starts answering the next complete request in the buffer, or hands the connection over."""
         buffer = self._buffer
-        if not buffer or self._transport is None:
+        if not buffer or self._transport is None or self._transport.is_closing():
             return
         end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
         if end < 0:
@@ -197,14 +199,14 @@ class FastPathProtocol(asyncio.Protocol):
         router.metrics.observe_http(ROUTE, status, time.perf_counter() - start)
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(self._response(status, payload, headers))
-            if self._eof:
-                self._transport.close()
         self.answering = None
         self._last_active = time.monotonic()
         if self._paused and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()
         self._next()
+        if self._eof and self.answering is None and self._transport is not None:
+            self._transport.close()  # after the last answer to a half-closed client
 
     def _response(self, status: int, payload: bytes, headers: Mapping[str, str]) -> bytes:
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
