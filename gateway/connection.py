@@ -6,15 +6,18 @@ senders raced, or the node missed some) switches the connection to *syncing*: li
 (bounded; anything dropped is re-read) and a sync task reads the mailbox from ``last_seq`` until it
 has reached every ``seq`` known to exist, then drains what was parked.
 
-Outbound: one writer task drains a deque bounded in frames and bytes. Live delivery never waits: a
-connection over its bound is closed with 4008 (slow consumer) and what it missed waits in the mailbox.
-Catch-up from the mailbox does wait for room, so a large backlog streams at the client's pace.
+Outbound: a frame goes straight onto the socket when nothing is queued before it and the socket's
+send buffer is below ``DIRECT_WRITE_LIMIT``; otherwise one writer task drains a deque bounded in frames
+and bytes. Live delivery never waits: a connection over its bound is closed with 4008 (slow consumer)
+and what it missed waits in the mailbox. Catch-up from the mailbox does wait for room, so a large
+backlog streams at the client's pace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -37,6 +40,22 @@ CLOSE_GRACE_S: Final = 2.0
 """How long a closing connection may take to answer our close frame before the TCP connection is dropped."""
 CATCHUP_PAGE: Final = 256
 """Mailbox entries read per round trip while syncing."""
+
+DIRECT_WRITE_LIMIT: Final = 64 * 1024
+"""Bytes buffered in a connection's socket beyond which frames wait in its queue (aiohttp's limit)."""
+_TEXT: Final = 0x1
+_BINARY: Final = 0x2
+
+
+def ws_frame(data: bytes, opcode: int) -> bytes:
+    """One unmasked, unfragmented server frame (RFC 6455 section 5.2): what aiohttp writes for it."""
+    length = len(data)
+    if length < 126:
+        return bytes((0x80 | opcode, length)) + data
+    if length < 1 << 16:
+        return struct.pack("!BBH", 0x80 | opcode, 126, length) + data
+    return struct.pack("!BBQ", 0x80 | opcode, 127, length) + data
+
 
 MailboxReader = Callable[[str, int, int], Awaitable[list[StoredMessage]]]
 MailboxOpener = Callable[[str], Awaitable[SequenceState]]
@@ -75,7 +94,9 @@ class Connection:
         self.last_seq = 0
         self.first_filtered: int | None = None
         self.close_code: int | None = None
-        self._transport = transport
+        # aiohttp hands every WebSocket its connection's transport; uvloop's is an asyncio.Transport
+        # without subclassing it.
+        self._transport: Any = transport
         self._metrics = metrics
         self._node = metrics.node
         self._read_mailbox = read_mailbox
@@ -251,6 +272,10 @@ class Connection:
         if self.close_code is not None:
             return
         data = self.codec.encode(frame)
+        if not self._queue and self._write_direct(data):
+            if path:
+                self._metrics.delivered(path, max(0.0, time.time() - ts))
+            return
         size = len(data)
         if len(self._queue) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
             self._metrics.slow_closes.labels(self._node).inc()
@@ -262,6 +287,23 @@ class Connection:
         if len(self._queue) >= self._max_frames // 2 or self._queued_bytes >= self._max_bytes // 2:
             self._room.clear()
         self._wakeup.set()
+
+    def _write_direct(self, data: str | bytes) -> bool:
+        """Writes the frame onto the socket now, without the writer task's wake-up, when nothing waits
+        before it (the queue is empty, so order holds) and the socket keeps up; False: queue it."""
+        transport = self._transport
+        if (
+            transport is None
+            or self.ws.closed
+            or transport.is_closing()
+            or transport.get_write_buffer_size() >= DIRECT_WRITE_LIMIT
+        ):
+            return False
+        if isinstance(data, bytes):
+            transport.write(ws_frame(data, _BINARY))
+        else:
+            transport.write(ws_frame(data.encode(), _TEXT))
+        return True
 
     async def _write_loop(self) -> None:
         ws = self.ws
