@@ -177,7 +177,7 @@ class Mailbox:
             presence=_pairs_to_counts(raw[2]),
             length=int(raw[3]),
             trimmed=int(raw[4]),
-            pushed={_text(raw[5][i]): bool(raw[5][i + 1]) for i in range(0, len(raw[5]), 2)},
+            pushed={_text(raw[5][i]): bool(raw[5][i + 1]) for i in range(0, len(raw[5]), 2)} if len(raw) > 5 else {},
         )
 
     async def open(self, user_id: str) -> SequenceState:

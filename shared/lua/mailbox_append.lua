@@ -17,8 +17,9 @@
 -- ARGV[7..] the node id of each of KEYS[5..], in the same order
 --
 -- Returns {seq, epoch, {node, count, ...}, mailbox length, entries trimmed by the cap, {node, 1|0, ...}}:
--- the last list has one pair per node pushed to, 1 when the entry was added, 0 when the node's stream
--- no longer exists (its node is gone; NOMKSTREAM never recreates it).
+-- the last list, only there when KEYS[5..] were given, has one pair per node pushed to, 1 when the
+-- entry was added, 0 when the node's stream no longer exists (its node is gone; NOMKSTREAM never
+-- recreates it).
 -- A message whose dedup marker exists (a retry of a send that partly or wholly succeeded) is not
 -- appended again: the seq it got the first time is returned, and it is pushed again (a retry must
 -- complete a push that failed; the gateway drops a seq it has already delivered).
@@ -68,21 +69,22 @@ local function stream_entry()
     .. cmsgpack.pack('r') .. cmsgpack.pack({{ARGV[5], seq, epoch}})
 end
 
+if #KEYS == 4 then
+  return {seq, epoch, presence, length, trimmed}  -- no push asked: no empty list on the wire
+end
 local pushes = {}
-if #KEYS > 4 then
-  local connected = {}
-  for i = 1, #presence, 2 do
-    connected[presence[i]] = true
-  end
-  local entry
-  for i = 5, #KEYS do
-    local node = ARGV[i + 2]
-    if connected[node] then
-      entry = entry or stream_entry()
-      local id = redis.call('XADD', KEYS[i], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[6], '*', 'd', entry)
-      pushes[#pushes + 1] = node
-      pushes[#pushes + 1] = id and 1 or 0
-    end
+local connected = {}
+for i = 1, #presence, 2 do
+  connected[presence[i]] = true
+end
+local entry
+for i = 5, #KEYS do
+  local node = ARGV[i + 2]
+  if connected[node] then
+    entry = entry or stream_entry()
+    local id = redis.call('XADD', KEYS[i], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[6], '*', 'd', entry)
+    pushes[#pushes + 1] = node
+    pushes[#pushes + 1] = id and 1 or 0
   end
 end
 return {seq, epoch, presence, length, trimmed, pushes}
