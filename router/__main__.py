@@ -21,7 +21,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(cfg.log_level, cfg.log_format, service="router", node_id=socket.gethostname())
     app = create_app(cfg)
     router = app[ROUTER_KEY]
-    return serve("router", app, cfg, shutdown_timeout_s=5, front=lambda fallback: FastPathFront(router, fallback))
+    front = (lambda fallback: FastPathFront(router, fallback)) if cfg.http_front == "lean" else None
+    return serve("router", app, cfg, shutdown_timeout_s=5, front=front)
 
 
 if __name__ == "__main__":

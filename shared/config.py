@@ -166,6 +166,9 @@ class RouterConfig(CommonConfig):
     idempotency_window_s: int = _setting(
         24 * 3600, "BEELINE_IDEMPOTENCY_WINDOW_SECONDS", "how long an Idempotency-Key is remembered"
     )
+    http_front: Literal["lean", "aiohttp"] = _setting(
+        "lean", "BEELINE_HTTP_FRONT", "lean: plain sends on the fast front, the rest on aiohttp; aiohttp: all"
+    )
 
     @classmethod
     def default_port(cls) -> int:
@@ -177,6 +180,8 @@ class RouterConfig(CommonConfig):
             raise ConfigError("the router needs at least one key in BEELINE_API_KEYS")
         if self.idempotency_window_s < 1:
             raise ConfigError("BEELINE_IDEMPOTENCY_WINDOW_SECONDS must be >= 1")
+        if self.http_front not in ("lean", "aiohttp"):
+            raise ConfigError("BEELINE_HTTP_FRONT must be lean or aiohttp")
 
 
 ConfigT = TypeVar("ConfigT", GatewayConfig, RouterConfig)

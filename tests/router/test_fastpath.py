@@ -24,6 +24,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.config import RouterConfig, load
+from shared.errors import ConfigError
 from tests.support import API_KEY, Client, Cluster, Service
 
 pytestmark = pytest.mark.redis
@@ -554,3 +556,15 @@ async def test_half_close_after_pipelined_sends_answers_every_one(cluster: Clust
     assert answered == [1, 2, 3], answered
     next_seq = (await (await connect(router)).exchange(send("alice"))).seq()
     assert next_seq == len(answered) + 1, f"answered seqs {answered}, but the next send got seq {next_seq}"
+
+
+async def test_the_front_can_be_switched_off(cluster: Cluster, connect: Connect) -> None:
+    """BEELINE_HTTP_FRONT=aiohttp serves every request with aiohttp (an operator's way around the front
+    without a release); a value that is neither refuses to start."""
+    router = cluster.router(BEELINE_HTTP_FRONT="aiohttp")
+    connection = await connect(router)
+    for seq in (1, 2):
+        answer = await connection.exchange(send("alice"))
+        assert not answer.fast and answer.status == 202 and answer.seq() == seq, answer
+    with pytest.raises(ConfigError, match="BEELINE_HTTP_FRONT"):
+        load(RouterConfig, {"BEELINE_API_KEYS": API_KEY, "BEELINE_HTTP_FRONT": "fast"})
