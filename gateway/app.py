@@ -36,7 +36,7 @@ from shared.autopipeline import AutoPipeline
 from shared.config import DRAIN_FLUSH_S, GatewayConfig
 from shared.envelope import Envelope
 from shared.errors import AuthError, InvalidRequest, StoreUnavailable
-from shared.http import json_error
+from shared.http import json_error, json_response
 from shared.keys import Keys
 from shared.logs import get_logger
 from shared.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -483,7 +483,7 @@ GATEWAY_KEY: Final = web.AppKey("gateway", Gateway)
 
 
 async def _healthz(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def _readyz(request: web.Request) -> web.Response:
@@ -495,7 +495,7 @@ async def _readyz(request: web.Request) -> web.Response:
             await gateway.registry.refresh()
     except StoreUnavailable:
         return json_error(503, "unavailable", "redis unavailable", retry_after=1)
-    return web.json_response({"status": "ready", "node": gateway.node_id})
+    return json_response({"status": "ready", "node": gateway.node_id})
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -102,7 +102,7 @@ class Connection:
         self._read_mailbox = read_mailbox
         self._max_frames = max_frames
         self._max_bytes = max_bytes
-        self._queue: deque[tuple[str | bytes, float, str]] = deque()
+        self._queue: deque[tuple[bytes, float, str]] = deque()
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
@@ -288,7 +288,7 @@ class Connection:
             self._room.clear()
         self._wakeup.set()
 
-    def _write_direct(self, data: str | bytes) -> bool:
+    def _write_direct(self, data: bytes) -> bool:
         """Writes the frame onto the socket now, without the writer task's wake-up, when nothing waits
         before it (the queue is empty, so order holds) and the socket keeps up; False: queue it."""
         transport = self._transport
@@ -299,10 +299,7 @@ class Connection:
             or transport.get_write_buffer_size() >= DIRECT_WRITE_LIMIT
         ):
             return False
-        if isinstance(data, bytes):
-            transport.write(ws_frame(data, _BINARY))
-        else:
-            transport.write(ws_frame(data.encode(), _TEXT))
+        transport.write(ws_frame(data, _BINARY if self.codec.binary else _TEXT))
         return True
 
     async def _write_loop(self) -> None:
@@ -316,10 +313,10 @@ class Connection:
                     continue
                 data, ts, path = self._queue.popleft()
                 self._queued_bytes -= len(data)
-                if isinstance(data, bytes):
+                if self.codec.binary:
                     await ws.send_bytes(data)
                 else:
-                    await ws.send_str(data)
+                    await ws.send_str(data.decode())
                 if path:
                     delivered(path, max(0.0, time.time() - ts))
                 if not self._room.is_set() and len(self._queue) < self._max_frames // 4:

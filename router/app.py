@@ -19,6 +19,7 @@ from router.idempotency import IdempotencyStore
 from shared.auth import ApiKeys, bearer
 from shared.config import RouterConfig
 from shared.errors import AuthError, InvalidRequest, StoreUnavailable
+from shared.http import json_response
 from shared.keys import Keys
 from shared.logs import get_logger
 from shared.metrics import Metrics
@@ -141,7 +142,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = await handler(request)
     except Exception as e:  # every failure gets a JSON answer; unexpected ones are logged
         reply = error_reply(router, e, route)
-        response = web.json_response(reply.as_json(), status=reply.status, headers=reply.headers)
+        response = json_response(reply.as_json(), status=reply.status, headers=reply.headers)
     router.metrics.observe_http(route, response.status, time.perf_counter() - start)
     return response
 
@@ -150,7 +151,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     """A request body that must be one JSON object; raises :class:`InvalidRequest` otherwise."""
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # invalid JSON or UTF-8, or nested deeper than Python recurses
         raise InvalidRequest("bad_json", "request body must be a JSON object") from None
     if not isinstance(body, dict):
         raise InvalidRequest("bad_json", "request body must be a JSON object")

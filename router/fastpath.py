@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from typing import Any, Final, cast
 from router.app import Router, authenticate, error_reply, parse_json_object
 from router.handlers import parse_message, send_one
 from shared.logs import get_logger
+from shared.protocol import dumps_json
 
 log = get_logger("beeline.router.fastpath")
 
@@ -191,11 +191,11 @@ class FastPathProtocol(asyncio.Protocol):
         try:
             scope = authenticate(router, authorization.decode("latin-1") if authorization is not None else None)
             message = parse_message(router, parse_json_object(body), scope, None)
-            payload = json.dumps(await send_one(router, message), separators=(", ", ": ")).encode()
+            payload = dumps_json(await send_one(router, message))
         except Exception as e:  # every failure gets the app's JSON answer; unexpected ones are logged
             reply = error_reply(router, e, ROUTE)
             status, headers = reply.status, reply.headers
-            payload = json.dumps(reply.as_json()).encode()
+            payload = dumps_json(reply.as_json())
         router.metrics.observe_http(ROUTE, status, time.perf_counter() - start)
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(self._response(status, payload, headers))

@@ -13,7 +13,7 @@ from router.app import OPENAPI_PATH, ROUTER_KEY, SCOPE_KEY, Router, read_json
 from router.idempotency import IdempotencyConflict
 from shared.envelope import Envelope
 from shared.errors import InvalidRequest, StoreUnavailable
-from shared.http import json_error
+from shared.http import json_error, json_response
 from shared.metrics import CONTENT_TYPE_LATEST
 from shared.presence import UserPresence
 from shared.protocol import ErrorCode, parse_send, valid_user_id
@@ -54,13 +54,13 @@ def _message_result(message: Message, results: list[SendResult]) -> dict[str, An
 async def _idempotent(request: web.Request, body_bytes: bytes, make: Any) -> web.Response:
     key = request.headers.get("Idempotency-Key")
     if key is None:
-        return web.json_response(await make(), status=202)
+        return json_response(await make(), status=202)
     store = request.app[ROUTER_KEY].idempotency
     try:
         response, replayed = await store.run_once(request[SCOPE_KEY], key, body_bytes, make)
     except IdempotencyConflict as e:
         return json_error(e.status, e.code, e.message)
-    return web.json_response(response, status=202, headers={"Idempotent-Replayed": "true" if replayed else "false"})
+    return json_response(response, status=202, headers={"Idempotent-Replayed": "true" if replayed else "false"})
 
 
 async def send_message(request: web.Request) -> web.Response:
@@ -123,7 +123,7 @@ async def get_presence(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
     user_id = valid_user_id(request.match_info["user"], "user")
     [presence] = await _presence(router, [user_id])
-    return web.json_response(presence.as_json())
+    return json_response(presence.as_json())
 
 
 async def query_presence(request: web.Request) -> web.Response:
@@ -134,14 +134,14 @@ async def query_presence(request: web.Request) -> web.Response:
     if len(users) > MAX_PRESENCE_QUERY:
         raise InvalidRequest(ErrorCode.INVALID_FIELD, f"at most {MAX_PRESENCE_QUERY} users per query")
     user_ids = [valid_user_id(u, "users[]") for u in users]
-    return web.json_response({"results": [p.as_json() for p in await _presence(router, user_ids)]})
+    return json_response({"results": [p.as_json() for p in await _presence(router, user_ids)]})
 
 
 async def list_nodes(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
     view = await router.nodes.refresh()
     infos = await router.nodes.infos(view.live_nodes())
-    return web.json_response(
+    return json_response(
         {
             "nodes": [
                 {"node": i.node_id, "connections": i.connections, "stream_lag": i.stream_lag, "draining": i.draining}
@@ -158,13 +158,13 @@ async def disconnect_user(request: web.Request) -> web.Response:
     [presence] = await _presence(router, [user_id])
     if presence.nodes:
         await router.delivery.disconnect(user_id, presence.nodes)
-    return web.json_response(
+    return json_response(
         {"user": user_id, "nodes": list(presence.nodes), "connections": presence.connections}, status=202
     )
 
 
 async def healthz(_request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -173,7 +173,7 @@ async def readyz(request: web.Request) -> web.Response:
         await router.nodes.refresh()
     except StoreUnavailable:
         return json_error(503, "unavailable", "redis unavailable", retry_after=1)
-    return web.json_response({"status": "ready"})
+    return json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -182,7 +182,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(_request: web.Request) -> web.Response:
-    return web.json_response(json.loads(OPENAPI_PATH.read_text(encoding="utf-8")))
+    return json_response(json.loads(OPENAPI_PATH.read_text(encoding="utf-8")))
 
 
 def add_routes(app: web.Application) -> None:

@@ -112,7 +112,10 @@ class Sender:
         self._local_handoff = local_handoff
 
     def pack(self, envelope: Envelope) -> bytes:
-        packed = envelope.pack()
+        try:
+            packed = envelope.pack()
+        except (OverflowError, ValueError) as e:  # msgpack: an integer beyond 64 bits, nesting too deep
+            raise InvalidRequest(ErrorCode.INVALID_FIELD, f"payload cannot be stored: {e}") from None
         if len(packed) > self._max_payload_bytes:
             raise InvalidRequest(
                 ErrorCode.PAYLOAD_TOO_LARGE,

@@ -327,6 +327,8 @@ BAD_INPUT: list[tuple[str, str | bytes | dict[str, Any], str, Any]] = [
     ("ref is a list", send_frame("carol", ref=[1]), ErrorCode.INVALID_FIELD, None),
     ("too many receivers", send_frame(["r1", "r2", "r3", "r4"], ref="m1"), ErrorCode.TOO_MANY_RECEIVERS, "m1"),
     ("payload too large", send_frame("carol", "x" * 2048, ref="p1"), ErrorCode.PAYLOAD_TOO_LARGE, "p1"),
+    ("payload int beyond 64 bits", send_frame("carol", 1 << 70, ref="p2"), ErrorCode.INVALID_FIELD, "p2"),
+    ("nested deeper than Python parses", "[" * 100_000, ErrorCode.BAD_FRAME, None),
     ("ack seq string", {"type": "ack", "seq": "3", "ref": "a1"}, ErrorCode.INVALID_FIELD, "a1"),
     ("ack seq float", {"type": "ack", "seq": 1.5, "ref": "a2"}, ErrorCode.INVALID_FIELD, "a2"),
     ("ack seq bool", {"type": "ack", "seq": True, "ref": "a3"}, ErrorCode.INVALID_FIELD, "a3"),

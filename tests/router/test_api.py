@@ -156,6 +156,18 @@ INVALID_SENDS: list[tuple[str, bytes | dict[str, Any], int, str]] = [
     ("from a number", message("alice", **{"from": 5}), 400, "invalid_field"),
     ("from empty", message("alice", **{"from": ""}), 400, "invalid_field"),
     ("payload too large", message("alice", "x" * 2048), 413, "payload_too_large"),
+    (
+        "payload integer beyond 64 bits",
+        b'{"to": "alice", "channel": "c", "payload": 123456789012345678901}',
+        400,
+        "invalid_field",
+    ),
+    (
+        "nested deeper than Python parses",
+        b'{"to": "alice", "channel": "c", "payload": ' + b"[" * 100_000 + b"]",
+        400,
+        "bad_json",
+    ),
 ]
 
 

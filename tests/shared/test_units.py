@@ -12,7 +12,15 @@ from shared.config import GatewayConfig, RouterConfig, load
 from shared.envelope import Envelope, Recipient, StreamEntry
 from shared.errors import ConfigError, EnvelopeDecodeError, InvalidRequest
 from shared.keys import Keys
-from shared.protocol import ErrorCode, JsonCodec, MsgpackCodec, codec_for, message_frame, parse_send
+from shared.protocol import (
+    ErrorCode,
+    JsonCodec,
+    MsgpackCodec,
+    codec_for,
+    dumps_json,
+    message_frame,
+    parse_send,
+)
 from shared.routing import LOCAL, ROUTED, STORED, classify
 from shared.runtime import new_event_loop
 
@@ -84,7 +92,7 @@ def test_codecs_round_trip_and_reject_bad_frames() -> None:
     """JSON and msgpack codecs encode frames and map bad input to stable error codes."""
     json_codec, mp_codec = JsonCodec(), MsgpackCodec()
     frame = {"type": "ack", "seq": 3}
-    assert json_codec.decode(json_codec.encode(frame)) == frame
+    assert json_codec.decode(json_codec.encode(frame).decode()) == frame
     assert mp_codec.decode(mp_codec.encode(frame)) == frame
     assert codec_for(None).name == "beeline.v1.json"
     assert codec_for("beeline.v1.msgpack").binary
@@ -105,7 +113,7 @@ def test_codecs_round_trip_and_reject_bad_frames() -> None:
 def test_json_codec_base64s_binary_payloads() -> None:
     """A binary payload from a msgpack client reaches JSON clients as base64 text."""
     env = Envelope.create(sender="a", channel="c", payload=b"\x00\x01")
-    text = JsonCodec().encode(message_frame(env, Recipient("b", 1, "e")))
+    text = JsonCodec().encode(message_frame(env, Recipient("b", 1, "e"))).decode()
     assert '"payload":"AAE="' in text
 
 
@@ -165,3 +173,9 @@ def test_drain_window_must_fit_in_the_shutdown_timeout() -> None:
     assert ok.drain_timeout_s == pytest.approx(10.5)
     with pytest.raises(ConfigError, match=r"BEELINE_DRAIN_WINDOW_SECONDS.*BEELINE_SHUTDOWN_TIMEOUT_SECONDS"):
         load(GatewayConfig, {**base, "BEELINE_DRAIN_WINDOW_SECONDS": "9", "BEELINE_SHUTDOWN_TIMEOUT_SECONDS": "10"})
+
+
+def test_json_frames_and_answers_are_compact_utf8() -> None:
+    """Compact UTF-8, binary values as base64, non-string map keys as strings (msgpack allows them)."""
+    assert dumps_json({"é": [1, None], 2: b"\x00\x01"}) == '{"é":[1,null],"2":"AAE="}'.encode()
+    assert JsonCodec().encode({"type": "ping"}) == b'{"type":"ping"}'
