@@ -60,6 +60,12 @@ class Keys:
         """The node's inbound stream: routed messages and control commands for its connections."""
         return self._node(node_id, "stream")
 
+    def node_stream_affixes(self) -> tuple[str, str]:
+        """``(before, after)`` with ``before + node_id + after == node_stream(node_id)``, for the one
+        script that builds node stream names itself (``lua/mailbox_append.lua``)."""
+        before, after = self.node_stream("\0").split("\0")
+        return before, after
+
     def node_info(self, node_id: str) -> str:
         """Hash {connections, draining, stream_lag, started_ms} refreshed by the heartbeat."""
         return self._node(node_id, "info")

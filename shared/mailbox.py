@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -40,16 +40,18 @@ class Append:
     envelope: bytes
     user_id: str
     dedup_id: str | None = None
-    push_to: tuple[str, ...] = ()
-    """Nodes to push the message to in the same call when the user is connected there (only a
-    mailbox that :attr:`Mailbox.can_push` does; see ``lua/mailbox_append.lua``)."""
+    push: bool = False
+    """Also push the message to the user's live nodes in the same call (a mailbox that
+    :attr:`Mailbox.can_push`; see ``lua/mailbox_append.lua``), except ``local_node``."""
+    local_node: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Appended:
     """Result of one append: the assigned seq and epoch, node_id -> connections of the receiver, and
-    the mailbox's length after it with how many old entries the cap trimmed. ``pushed``: node_id ->
-    whether the entry reached that node's stream, for each node of ``push_to`` the user is on."""
+    the mailbox's length after it with how many old entries the cap trimmed. ``pushed`` (None: no push
+    was made) has each live node of the user's but the sender's own: whether the entry reached its
+    stream. Nodes in ``presence`` but not in it were dead when Redis ran the append."""
 
     user_id: str
     seq: int
@@ -57,7 +59,7 @@ class Appended:
     presence: dict[str, int]
     length: int = 0
     trimmed: int = 0
-    pushed: dict[str, bool] = field(default_factory=dict)
+    pushed: dict[str, bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +122,8 @@ class Mailbox:
 
     @property
     def can_push(self) -> bool:
-        """Whether an append also pushes to the nodes in :attr:`Append.push_to`: only on one standalone
-        Redis (the script touches node streams outside the user's slot) without durable writes."""
+        """Whether an append can also push (:attr:`Append.push`): only on one standalone Redis (the
+        script touches node streams outside the user's slot) without durable writes."""
         return self._fast is not None and self._durable is None and self._stream_maxlen > 0
 
     async def append(self, envelope: bytes, user_ids: Sequence[str]) -> list[Appended]:
@@ -148,9 +150,9 @@ class Mailbox:
         dedup = k.user_dedup(user_id, item.dedup_id or "-")
         keys = [k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id), dedup]
         args: list[Any] = [item.envelope, self._max_len, self._ttl_s, self._dedup_ttl_s if item.dedup_id else 0]
-        if item.push_to and self.can_push:
-            keys.extend(k.node_stream(n) for n in item.push_to)
-            args.extend((user_id, self._stream_maxlen, *item.push_to))
+        if item.push and self.can_push:
+            keys.append(k.node_registry())
+            args.extend((user_id, self._stream_maxlen, *k.node_stream_affixes(), item.local_node or ""))
         return keys, args
 
     async def _run_script(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -177,7 +179,7 @@ class Mailbox:
             presence=_pairs_to_counts(raw[2]),
             length=int(raw[3]),
             trimmed=int(raw[4]),
-            pushed={_text(raw[5][i]): bool(raw[5][i + 1]) for i in range(0, len(raw[5]), 2)} if len(raw) > 5 else {},
+            pushed={_text(raw[5][i]): bool(raw[5][i + 1]) for i in range(0, len(raw[5]), 2)} if len(raw) > 5 else None,
         )
 
     async def open(self, user_id: str) -> SequenceState:

@@ -133,11 +133,6 @@ class NodeRegistry:
                 return self._view
             return await self.refresh()
 
-    def live_nodes(self) -> list[str]:
-        """The nodes live in the cached view, without a read: a sender's candidates for pushing in the
-        append itself (a node missing here is still checked by :meth:`live_subset`)."""
-        return self._view.live_nodes()
-
     async def live_subset(self, presence: Mapping[str, int]) -> dict[str, int]:
         """The entries of a user's presence hash whose node is alive now.
 

@@ -59,8 +59,6 @@ class MailboxStore(Protocol):
 
 
 class LiveFilter(Protocol):
-    def live_nodes(self) -> Sequence[str]: ...
-
     async def live_subset(self, presence: Mapping[str, int]) -> dict[str, int]: ...
 
 
@@ -131,16 +129,16 @@ class Sender:
         reaches the receiver by gap fill or on reconnect, so its status reports ``stored``.
         """
         packed = [self.pack(m.envelope) for m in messages]
-        # A lone one-receiver message is pushed by its append to the nodes already known live: one round
+        # A lone one-receiver message is pushed by its append to the receiver's live nodes: one round
         # trip instead of two. A many-receiver message keeps one entry per node for all its receivers
         # there, and a batch keeps its pushes in one burst after the appends, which each gateway then
         # reads at once (pushed from the appends, they would trickle in between the scripts and wake the
         # gateways for a few entries each: measured 2.5x the reads).
-        push_to = self._push_candidates() if len(messages) == 1 and len(messages[0].to) == 1 else ()
+        push = self._push_in_append and len(messages) == 1 and len(messages[0].to) == 1
         try:
             appended = await self._mailbox.append_each(
                 [
-                    Append(p, u, m.envelope.msg_id if m.idempotent else None, push_to)
+                    Append(p, u, m.envelope.msg_id if m.idempotent else None, push, self._local_node)
                     for p, m in zip(packed, messages, strict=True)
                     for u in m.to
                 ]
@@ -163,7 +161,8 @@ class Sender:
         for rows, missing in zip(statuses, unreached, strict=True):
             per_message = []
             for item, status, nodes in rows:
-                reached = tuple(n for n in nodes if n not in missing and item.pushed.get(n, True))
+                pushed = item.pushed or {}
+                reached = tuple(n for n in nodes if n not in missing and pushed.get(n, True))
                 final = status if reached else STORED
                 per_message.append(SendResult(item.user_id, item.seq, item.epoch, final, reached))
             results.append(per_message)
@@ -184,11 +183,6 @@ class Sender:
                     statuses=sorted({r.status for r in per_message}),
                 )
 
-    def _push_candidates(self) -> tuple[str, ...]:
-        if not self._push_in_append:
-            return ()
-        return tuple(n for n in self._nodes.live_nodes() if n != self._local_node)
-
     async def _plan(
         self, envelope: Envelope, envelope_bytes: bytes, appended: Sequence[Appended]
     ) -> tuple[Outgoing, list[tuple[Appended, str, tuple[str, ...]]]]:
@@ -196,14 +190,16 @@ class Sender:
         local: list[Recipient] = []
         rows = []
         for item in appended:
-            unpushed = {n: c for n, c in item.presence.items() if n not in item.pushed}
-            live = await self._nodes.live_subset(unpushed) if unpushed else {}
-            nodes = tuple(sorted([*live, *item.pushed]))
+            if item.pushed is None:
+                live = await self._nodes.live_subset(item.presence)
+            else:  # Redis judged every node but ours in the append, and pushed to the live ones
+                live = {n: c for n, c in item.presence.items() if n in item.pushed or n == self._local_node}
+            nodes = tuple(sorted(live))
             recipient = Recipient(item.user_id, item.seq, item.epoch)
-            for node_id in live:
+            for node_id in nodes:
                 if node_id == self._local_node:
                     local.append(recipient)
-                else:
+                elif item.pushed is None:
                     targets.setdefault(node_id, []).append(recipient)
             rows.append((item, classify(nodes, self._local_node), nodes))
         if local and self._local_handoff is not None:

@@ -1,25 +1,27 @@
 -- Assigns the next per-user seq, appends the envelope to the user's mailbox and returns where the user
 -- is connected: the atomic heart of the delivery model (one script, one slot: the user's hash tag).
--- On a standalone Redis it can also push the message to the user's nodes in the same call, which saves
--- the sender a second, dependent round trip (a Redis Cluster passes no node streams: other slots).
+-- On one standalone Redis it can also push the message to the user's live nodes in the same call, which
+-- saves the sender a second, dependent round trip. Which nodes is known only here (from the presence
+-- hash), so their streams cannot be declared keys: that mode is never used on a Redis Cluster.
 --
--- KEYS[1]   user meta hash {seq, epoch, acked}
--- KEYS[2]   user mailbox stream (entry id = "<seq>-0")
--- KEYS[3]   user presence hash node_id -> connection count
--- KEYS[4]   dedup marker of this message for this user (msg id -> seq), used when ARGV[4] > 0
--- KEYS[5..] node streams to push to when the user is connected on that node (none: no push)
--- ARGV[1]   packed envelope bytes
--- ARGV[2]   mailbox cap (exact MAXLEN: small caps must hold exactly)
--- ARGV[3]   mailbox / meta TTL in seconds
--- ARGV[4]   dedup TTL in seconds; 0: this message is not deduplicated
--- ARGV[5]   the user id (the pushed entry names its receiver)
--- ARGV[6]   node stream cap (approximate MAXLEN)
--- ARGV[7..] the node id of each of KEYS[5..], in the same order
+-- KEYS[1]  user meta hash {seq, epoch, acked}
+-- KEYS[2]  user mailbox stream (entry id = "<seq>-0")
+-- KEYS[3]  user presence hash node_id -> connection count
+-- KEYS[4]  dedup marker of this message for this user (msg id -> seq), used when ARGV[4] > 0
+-- KEYS[5]  node registry sorted set node_id -> deadline (Redis ms); given: push to the live nodes
+-- ARGV[1]  packed envelope bytes
+-- ARGV[2]  mailbox cap (exact MAXLEN: small caps must hold exactly)
+-- ARGV[3]  mailbox / meta TTL in seconds
+-- ARGV[4]  dedup TTL in seconds; 0: this message is not deduplicated
+-- With KEYS[5] only:
+-- ARGV[5]  the user id (the pushed entry names its receiver)
+-- ARGV[6]  node stream cap (approximate MAXLEN)
+-- ARGV[7]  node stream key before the node id, ARGV[8] after it (from shared.keys)
+-- ARGV[9]  the sender's own node, not pushed to (it hands its receivers over in-process); "" if none
 --
--- Returns {seq, epoch, {node, count, ...}, mailbox length, entries trimmed by the cap, {node, 1|0, ...}}:
--- the last list, only there when KEYS[5..] were given, has one pair per node pushed to, 1 when the
--- entry was added, 0 when the node's stream no longer exists (its node is gone; NOMKSTREAM never
--- recreates it).
+-- Returns {seq, epoch, {node, count, ...}, mailbox length, entries trimmed by the cap}, and with KEYS[5]
+-- a sixth item {node, 1|0, ...}: one pair per live node of the user's (the sender's own excepted), 1
+-- when the entry was added, 0 when the node's stream no longer exists (NOMKSTREAM never recreates it).
 -- A message whose dedup marker exists (a retry of a send that partly or wholly succeeded) is not
 -- appended again: the seq it got the first time is returned, and it is pushed again (a retry must
 -- complete a push that failed; the gateway drops a seq it has already delivered).
@@ -70,19 +72,19 @@ local function stream_entry()
 end
 
 if #KEYS == 4 then
-  return {seq, epoch, presence, length, trimmed}  -- no push asked: no empty list on the wire
+  return {seq, epoch, presence, length, trimmed}
 end
+-- Live: the node's deadline, on Redis's clock, has not passed (as shared.nodes.RegistryView judges).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local pushes = {}
-local connected = {}
-for i = 1, #presence, 2 do
-  connected[presence[i]] = true
-end
 local entry
-for i = 5, #KEYS do
-  local node = ARGV[i + 2]
-  if connected[node] then
+for i = 1, #presence, 2 do
+  local node = presence[i]
+  local deadline = node ~= ARGV[9] and redis.call('ZSCORE', KEYS[5], node)
+  if deadline and tonumber(deadline) > now then
     entry = entry or stream_entry()
-    local id = redis.call('XADD', KEYS[i], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[6], '*', 'd', entry)
+    local id = redis.call('XADD', ARGV[7] .. node .. ARGV[8], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[6], '*', 'd', entry)
     pushes[#pushes + 1] = node
     pushes[#pushes + 1] = id and 1 or 0
   end

@@ -175,10 +175,11 @@ async def test_a_one_receiver_send_is_pushed_by_its_append(
     payload_chars: int, redis_client: RedisClient, keys: Keys, redis_server: RedisServer
 ) -> None:
     """On one standalone Redis the append of a lone one-receiver message pushes to the receiver's live
-    nodes itself: the stream entry is byte for byte what StreamEntry.pack makes; a node the cached view
-    does not know is still checked and pushed after the append; a live node whose stream is gone reports
-    `stored`; a batch is pushed after its appends."""
-    nodes = ("n1", "n2", "late", "gone")
+    nodes itself, judged on Redis's clock (a node registered after the sender's last registry read is
+    live, one past its deadline is not): the stream entry is byte for byte what StreamEntry.pack makes;
+    a live node whose stream is gone reports `stored`; the sender's own node is handed over in-process,
+    not pushed; a batch is pushed after its appends."""
+    nodes = ("n1", "n2", "late", "gone", "dead")
     for node in nodes:
         await redis_client.xgroup_create(keys.node_stream(node), "g", id="$", mkstream=True)
     registry = NodeRegistry(redis_client, keys, dead_after_s=30, key_ttl_s=60)
@@ -186,11 +187,13 @@ async def test_a_one_receiver_send_is_pushed_by_its_append(
         await registry.beat(NodeInfo(node, 0, 0, False))
     await registry.refresh()
     await registry.beat(NodeInfo("late", 0, 0, False))  # registered after the sender's view was read
+    await redis_client.zadd(keys.node_registry(), {"dead": 1})  # its deadline passed long ago
     await redis_client.delete(keys.node_stream("gone"))
     presence = RedisPresenceDirectory(redis_client, keys)
-    for user, node in (("u1", "n1"), ("u2", "n2"), ("u2", "n1"), ("u3", "late"), ("u4", "gone")):
+    for user, node in (("u1", "n1"), ("u2", "n2"), ("u2", "n1"), ("u3", "late"), ("u4", "gone"), ("u6", "dead")):
         await presence.register(user, node)
     fast = AutoPipeline(redis_server.url, timeout_s=5.0, connect_timeout_s=1.0)
+    handed: list[tuple[str, int]] = []
     try:
         mailbox = Mailbox(redis_client, keys, max_len=100, ttl_s=60, fast=fast, stream_maxlen=1000)
         assert mailbox.can_push
@@ -198,7 +201,7 @@ async def test_a_one_receiver_send_is_pushed_by_its_append(
         sender = Sender(mailbox, registry, delivery, max_payload_bytes=1 << 20, push_in_append=True)
         messages = [
             Message(Envelope.create(sender="s", channel="c", payload="x" * payload_chars), (user,))
-            for user in ("u1", "u2", "u3", "u4", "u5", "u1")
+            for user in ("u1", "u2", "u3", "u4", "u5", "u6", "u1")
         ]
         results = []
         for message in messages:
@@ -206,6 +209,16 @@ async def test_a_one_receiver_send_is_pushed_by_its_append(
             results.extend(per_message)
         # A batch keeps its pushes in one burst after the appends.
         await sender.send([Message(Envelope.create(sender="s", channel="c", payload=0), ("u1",))] * 2)
+        on_n1 = Sender(
+            mailbox,
+            registry,
+            delivery,
+            max_payload_bytes=1 << 20,
+            push_in_append=True,
+            local_node="n1",
+            local_handoff=lambda _env, _packed, rs: handed.extend((r.user_id, r.seq) for r in rs),
+        )
+        [[from_n1]] = await on_n1.send([Message(Envelope.create(sender="s", channel="c", payload=1), ("u2",))])
     finally:
         await fast.aclose()
     assert [(r.to, r.seq, r.status, r.nodes) for r in results] == [
@@ -214,16 +227,20 @@ async def test_a_one_receiver_send_is_pushed_by_its_append(
         ("u3", 1, "routed", ("late",)),
         ("u4", 1, "stored", ()),
         ("u5", 1, "stored", ()),
+        ("u6", 1, "stored", ()),
         ("u1", 2, "routed", ("n1",)),
     ]
-    assert delivery.targets == ["late", "n1", "n1"]  # the other one-receiver sends went out with the append
-    streams = {n: await redis_client.xrange(keys.node_stream(n)) for n in ("n1", "n2", "late")}
+    assert (from_n1.status, from_n1.nodes, handed) == ("routed", ("n1", "n2"), [("u2", 2)])
+    assert delivery.targets == ["n1", "n1"]  # only the batch was pushed after its appends
+    streams = {n: await redis_client.xrange(keys.node_stream(n)) for n in ("n1", "n2", "late", "dead")}
     expected = {
-        "n1": [(messages[0], results[0]), (messages[1], results[1]), (messages[5], results[5])],  # then the batch
+        "n1": [(messages[0], results[0]), (messages[1], results[1]), (messages[6], results[6])],  # then the batch
         "n2": [(messages[1], results[1])],
         "late": [(messages[2], results[2])],
+        "dead": [],
     }
     for node, entries in streams.items():
-        assert [bytes(fields[STREAM_FIELD]) for _, fields in entries][: len(expected[node])] == [
+        assert [bytes(fields[STREAM_FIELD]) for _, fields in entries][: len(expected[node]) or None] == [
             StreamEntry(m.envelope.pack(), (Recipient(r.to, r.seq, r.epoch),)).pack() for m, r in expected[node]
         ]
+    assert len(streams["n1"]) == 5 and len(streams["n2"]) == 2  # n1: 3 + the batch's 2; n2: u2's two sends

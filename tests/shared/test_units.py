@@ -66,6 +66,8 @@ def test_user_keys_share_one_slot_and_node_keys_another() -> None:
     assert {_slot_tag(x) for x in node_keys} == {"n:n1"}
     assert len(set(user_keys + node_keys)) == 7
     assert all(x.startswith("p:") for x in user_keys + node_keys + [k.node_registry()])
+    before, after = k.node_stream_affixes()  # what the append script builds stream names from
+    assert before + "gw-7" + after == k.node_stream("gw-7")
 
 
 def test_config_env_flags_and_invariants() -> None:
