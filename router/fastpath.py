@@ -25,10 +25,7 @@ from typing import Any, Final, cast
 
 from router.app import Router, authenticate, error_reply, parse_json_object
 from router.handlers import parse_message, send_one
-from shared.logs import get_logger
 from shared.protocol import dumps_json
-
-log = get_logger("beeline.router.fastpath")
 
 ROUTE: Final = "/v1/messages"
 REQUEST_LINE: Final = b"POST /v1/messages HTTP/1.1"
