@@ -114,6 +114,11 @@ def error_reply(router: Router, error: Exception, route: str) -> ErrorReply:
     if isinstance(error, StoreUnavailable):
         retry = {"Retry-After": str(RETRY_AFTER_S)}
         return ErrorReply(503, "unavailable", "message store unavailable; retry later", retry)
+    if isinstance(error, ConnectionError):
+        # The client went away before its request was read: nobody will see the answer, and it is not
+        # a server fault (aiohttp raises ConnectionResetError from request.read()).
+        log.info("request_abandoned", route=route)
+        return ErrorReply(400, "incomplete_request", "the connection closed before the request was read")
     if isinstance(error, web.HTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(error.status, "http_error")
         return ErrorReply(error.status, code, error.reason)

@@ -31,20 +31,26 @@ ROUTE: Final = "/v1/messages"
 REQUEST_LINE: Final = b"POST /v1/messages HTTP/1.1"
 MAX_HEAD_BYTES: Final = 8 * 1024
 """A longer head goes to aiohttp (its limit is 8,190 bytes per line)."""
+MAX_HEADERS: Final = 64
+"""A head with more header lines goes to aiohttp (which allows 128, then answers 400)."""
 MAX_BODY_BYTES: Final = 1024 * 1024
 """A larger body goes to aiohttp (it answers up to ``client_max_size``, then 413)."""
-PAUSE_AT_BYTES: Final = 4 * MAX_BODY_BYTES
-"""Stop reading a connection that sends this much ahead of the answers (pipelining)."""
+PAUSE_READING_AT: Final = 256 * 1024
+"""Bytes buffered ahead of the answer in progress (pipelining) at which the front stops reading..."""
+RESUME_READING_AT: Final = 64 * 1024
+"""...and the level it must drain to before it reads again."""
 KEEPALIVE_S: Final = 75.0
-"""Idle connections are closed after this long, like aiohttp's keep-alive timeout."""
+"""An idle connection, or one whose request has not arrived in full this long after it began (a client
+trickling bytes), is closed: aiohttp's keep-alive timeout."""
 _HEADER: Final = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+_BARE_LF: Final = re.compile(rb"(?<!\r)\n")
 _NOT_PLAIN: Final = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"idempotency-key", b"connection"})
 
 
 def _plain_send(head: bytes) -> tuple[int, bytes | None] | None:
     """``(content length, authorization)`` of a request head this front answers, else None."""
     lines = head.split(b"\r\n")
-    if lines[0] != REQUEST_LINE:
+    if lines[0] != REQUEST_LINE or len(lines) > MAX_HEADERS + 1:
         return None
     length: int | None = None
     authorization: bytes | None = None
@@ -54,11 +60,12 @@ def _plain_send(head: bytes) -> tuple[int, bytes | None] | None:
         if match is None:
             return None  # obs-fold, bad characters, ...: aiohttp decides
         name = match[1].lower()
-        if name in _NOT_PLAIN or (name in seen and name in (b"content-length", b"authorization")):
+        if name in _NOT_PLAIN or name in seen:  # a repeated header: aiohttp decides (some it refuses)
             return None
         seen.add(name)
         if name == b"content-length":
-            if not match[2].isdigit():
+            # Seven digits hold MAX_BODY_BYTES; a longer value (zero-padded, or huge) goes to aiohttp.
+            if not match[2].isdigit() or len(match[2]) > 7:
                 return None
             length = int(match[2])
         elif name == b"authorization":
@@ -75,6 +82,7 @@ class FastPathFront:
         self.router = router
         self.fallback = fallback
         self.connections: set[FastPathProtocol] = set()
+        self.closing = False
         self._date = (0, b"")
         self._sweeper: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -95,15 +103,22 @@ class FastPathFront:
     def _sweep(self) -> None:
         deadline = time.monotonic() - KEEPALIVE_S
         for connection in list(self.connections):
-            connection.close_if_idle_since(deadline)
+            connection.close_if_stale(deadline)
         assert self.loop is not None
         self._sweeper = self.loop.call_later(KEEPALIVE_S / 3, self._sweep)
 
     async def close(self, timeout_s: float) -> None:
-        """Lets requests in progress finish (at most ``timeout_s``), then closes every connection."""
+        """Starts no new request, lets the ones in progress finish (at most ``timeout_s``) and closes
+        each connection after its answer; then closes every connection still open."""
+        self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        busy = [c.answering for c in self.connections if c.answering is not None]
+        busy = []
+        for connection in list(self.connections):
+            if connection.answering is None:
+                connection.close()
+            else:
+                busy.append(connection.answering)
         if busy:
             await asyncio.wait(busy, timeout=timeout_s)
         for connection in list(self.connections):
@@ -111,17 +126,24 @@ class FastPathFront:
 
 
 class FastPathProtocol(asyncio.Protocol):
-    """One client connection: answers plain sends in order, one at a time, until it hands over."""
+    """One client connection: answers plain sends in order, one at a time, until it hands over.
+
+    Backpressure: reading stops while the socket cannot take our answers (``pause_writing``) and while
+    more than ``PAUSE_READING_AT`` bytes wait behind the answer in progress; no request starts while
+    writing is paused. So a client that pipelines without reading holds a bounded buffer.
+    """
 
     def __init__(self, front: FastPathFront, loop: asyncio.AbstractEventLoop) -> None:
         self._front = front
         self._loop = loop
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._paused = False
+        self._head: tuple[int, int, bytes | None] | None = None  # (body start, length, auth) once parsed
+        self._reading_paused = False
+        self._writing_paused = False
         self._eof = False
         self.answering: asyncio.Task[None] | None = None
-        self._last_active = time.monotonic()
+        self._last_active = time.monotonic()  # last answer, or the start of the request now arriving
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast("asyncio.Transport", transport)  # uvloop's is not a registered subclass
@@ -133,13 +155,12 @@ class FastPathProtocol(asyncio.Protocol):
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
+        if not self._buffer and self.answering is None:
+            self._last_active = time.monotonic()  # a new request begins: its deadline starts now
         self._buffer += data
-        self._last_active = time.monotonic()
         if self.answering is None:
             self._next()
-        elif len(self._buffer) > PAUSE_AT_BYTES and not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
+        self._regulate_reading()
 
     def eof_received(self) -> bool | None:
         # A client that half-closed after its requests still gets every answer; then the connection
@@ -149,7 +170,18 @@ class FastPathProtocol(asyncio.Protocol):
             self._next()
         return True if self.answering is not None else None
 
-    def close_if_idle_since(self, deadline: float) -> None:
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._regulate_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self.answering is None:
+            self._next()
+        self._regulate_reading()
+
+    def close_if_stale(self, deadline: float) -> None:
+        """Closes the connection when it idled, or its request has been arriving, since ``deadline``."""
         if self.answering is None and self._last_active < deadline:
             self.close()
 
@@ -157,31 +189,52 @@ class FastPathProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def _regulate_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        waiting = self.answering is not None or self._writing_paused
+        if not self._reading_paused and (self._writing_paused or (waiting and len(self._buffer) > PAUSE_READING_AT)):
+            self._reading_paused = True
+            transport.pause_reading()
+        elif self._reading_paused and not self._writing_paused and len(self._buffer) < RESUME_READING_AT:
+            self._reading_paused = False
+            transport.resume_reading()
+
     def _next(self) -> None:
         """Starts answering the next complete request in the buffer, or hands the connection over."""
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._writing_paused or self._front.closing:
+            return
         buffer = self._buffer
-        if not buffer or self._transport is None or self._transport.is_closing():
+        if not buffer:
             return
-        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
-        if end < 0:
-            if len(buffer) > MAX_HEAD_BYTES or not REQUEST_LINE.startswith(bytes(buffer[: len(REQUEST_LINE)])):
+        if self._head is None:
+            end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
+            if end < 0:
+                if (
+                    len(buffer) > MAX_HEAD_BYTES
+                    or not REQUEST_LINE.startswith(bytes(buffer[: len(REQUEST_LINE)]))
+                    or _BARE_LF.search(buffer, 0, MAX_HEAD_BYTES) is not None
+                ):
+                    self._hand_over()  # not a plain send's head, or not one we would parse as aiohttp does
+                return
+            head = bytes(buffer[:end])
+            plain = _plain_send(head) if _BARE_LF.search(head) is None else None
+            if plain is None:
                 self._hand_over()
-            return
-        plain = _plain_send(bytes(buffer[:end]))
-        if plain is None:
-            self._hand_over()
-            return
-        length, authorization = plain
-        start = end + 4
+                return
+            self._head = (end + 4, *plain)  # parsed once, however slowly the body arrives
+        start, length, authorization = self._head
         if len(buffer) < start + length:
             return  # the rest of the body is on its way
         body = bytes(buffer[start : start + length])
         del buffer[: start + length]
+        self._head = None
         self.answering = self._loop.create_task(self._answer(authorization, body))
 
     async def _answer(self, authorization: bytes | None, body: bytes) -> None:
-        front = self._front
-        router = front.router
+        router = self._front.router
         start = time.perf_counter()
         status, payload = 202, b""
         headers: Mapping[str, str] = {}
@@ -194,16 +247,19 @@ class FastPathProtocol(asyncio.Protocol):
             status, headers = reply.status, reply.headers
             payload = dumps_json(reply.as_json())
         router.metrics.observe_http(ROUTE, status, time.perf_counter() - start)
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(self._response(status, payload, headers))
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(self._response(status, payload, headers))
         self.answering = None
         self._last_active = time.monotonic()
-        if self._paused and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
+        if self._front.closing:
+            self.close()  # shutting down: this was the last request of this connection
+            return
         self._next()
         if self._eof and self.answering is None and self._transport is not None:
             self._transport.close()  # after the last answer to a half-closed client
+            return
+        self._regulate_reading()
 
     def _response(self, status: int, payload: bytes, headers: Mapping[str, str]) -> bytes:
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -231,6 +287,10 @@ class FastPathProtocol(asyncio.Protocol):
         if self._buffer:
             protocol.data_received(bytes(self._buffer))
             self._buffer.clear()
-        if self._paused:
+        if self._writing_paused:
+            protocol.pause_writing()
+        if self._eof and not protocol.eof_received():
+            transport.close()
+        elif self._reading_paused:
             with contextlib.suppress(RuntimeError):
                 transport.resume_reading()

@@ -146,11 +146,20 @@ def serve(
     return 0
 
 
+KEEPALIVE_TIMEOUT_S = 75.0
+"""What ``web.run_app`` gives aiohttp's connections (a bare ``AppRunner`` would keep them an hour)."""
+
+
 async def _run_fronted(app: web.Application, cfg: CommonConfig, front: FrontFactory, shutdown_timeout_s: float) -> None:
-    runner = web.AppRunner(app, access_log=None, handle_signals=True, shutdown_timeout=shutdown_timeout_s)
+    # On stop the front's requests, then aiohttp's, may each take half of the shutdown timeout, so the
+    # whole stop stays within it.
+    share = shutdown_timeout_s / 2
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=True, shutdown_timeout=share, keepalive_timeout=KEEPALIVE_TIMEOUT_S
+    )
     await runner.setup()
     try:
-        await _FrontedSite(runner, cfg.host, cfg.port, front, shutdown_timeout_s).start()
+        await _FrontedSite(runner, cfg.host, cfg.port, front, share).start()
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:
         await runner.cleanup()

@@ -16,17 +16,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import RouterConfig, load
 from shared.errors import ConfigError
-from tests.support import API_KEY, Client, Cluster, Service
+from tests.support import API_KEY, Client, Cluster, Service, eventually
 
 pytestmark = pytest.mark.redis
 
@@ -569,3 +573,121 @@ async def test_the_front_can_be_switched_off(cluster: Cluster, connect: Connect)
         assert not answer.fast and answer.status == 202 and answer.seq() == seq, answer
     with pytest.raises(ConfigError, match="BEELINE_HTTP_FRONT"):
         load(RouterConfig, {"BEELINE_API_KEYS": API_KEY, "BEELINE_HTTP_FRONT": "fast"})
+
+
+async def test_a_client_that_never_reads_is_held_to_a_bounded_buffer(cluster: Cluster) -> None:
+    """A client pipelining sends without reading the answers stops being read once the front has a
+    bounded backlog (it once buffered gigabytes: it resumed reading after every answer). Pinned by how
+    much the client can write before its socket stays full: the front's bound plus kernel buffers."""
+    router = cluster.router()
+    request = send("alice", auth=None)  # no API key: each is a 401 that never reaches Redis
+    chunk = request * 200
+    sock = socket.create_connection(("127.0.0.1", router.port))
+    sock.setblocking(False)
+    written = 0
+    stalled_since: float | None = None
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline and written < 256 * 1024 * 1024:
+            try:
+                written += sock.send(chunk)
+                stalled_since = None
+            except BlockingIOError:
+                now = time.monotonic()
+                stalled_since = stalled_since or now
+                if now - stalled_since > 1.0:
+                    break  # the router stopped reading
+                await asyncio.sleep(0.01)
+        assert stalled_since is not None, f"the router read all {written} bytes without pausing"
+        assert written < 64 * 1024 * 1024, written
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "head_lines", "status"),
+    [
+        ("more headers than the front parses", [f"X-Pad-{i}: {i}" for i in range(100)], 202),
+        ("a repeated Host", ["Host: other"], 400),
+        ("a Content-Length of 5,000 digits", ["Content-Length: " + "9" * 5000], 400),
+    ],
+)
+async def test_unusual_heads_are_answered_by_aiohttp(
+    name: str, head_lines: list[str], status: int, cluster: Cluster, connect: Connect
+) -> None:
+    """Heads the front does not parse as aiohttp would go to aiohttp, which answers them (a huge
+    Content-Length once killed the connection unanswered)."""
+    router = cluster.router()
+    connection = await connect(router)
+    length = not any(line.startswith("Content-Length") for line in head_lines)
+    data = http("POST", "/v1/messages", AUTH, *head_lines, body=send_body("alice"), length=length)
+    answer = await connection.exchange(data)
+    assert not answer.fast and answer.status == status, (name, answer)
+
+
+async def test_a_bare_lf_head_is_answered_at_once(cluster: Cluster, connect: Connect) -> None:
+    """A head ending its lines with a bare LF goes to aiohttp, which answers 400 at once (the front
+    once waited for a CRLF CRLF that never came)."""
+    router = cluster.router()
+    connection = await connect(router)
+    body = send_body("alice")
+    data = f"POST /v1/messages HTTP/1.1\nHost: x\n{AUTH}\nContent-Length: {len(body)}\n\n".encode() + body
+    answer = await connection.exchange(data, timeout=5)
+    assert not answer.fast and answer.status == 400, answer
+
+
+async def a_send_waits_on_paused_redis(redis: aioredis.Redis) -> None:
+    """Waits until a send's script sits postponed in Redis (``CLIENT PAUSE ... WRITE`` holds it)."""
+
+    async def postponed() -> bool:
+        clients = await redis.client_list()
+        return any(c.get("cmd") == "evalsha" and "b" in c.get("flags", "") for c in clients)
+
+    await eventually(postponed, timeout=5, what="a send's script postponed by the paused Redis")
+
+
+async def test_shutdown_answers_every_send_it_stores(cluster: Cluster, connect: Connect, redis_server: Any) -> None:
+    """SIGTERM while pipelined sends wait on a paused Redis: the front finishes the send in progress,
+    starts no other, and every stored send was answered (it once stored the next pipelined send and
+    closed the connection without its answer)."""
+    router = cluster.router()
+    connection = await connect(router)
+    await connection.exchange(send("alice"))  # seq 1, and the scripts are loaded
+    redis = aioredis.Redis(port=redis_server.port)
+    try:
+        await redis.execute_command("CLIENT", "PAUSE", "1000", "WRITE")  # under the 2 s command timeout
+        await connection.write(send("alice") + send("alice") + send("alice"))
+        await a_send_waits_on_paused_redis(redis)
+        router.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        answered = []
+        while (answer := await connection.answer_or_close()) is not None:
+            answered.append(answer.seq())
+        assert router.proc.wait(timeout=10) == 0  # type: ignore[union-attr]
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        meta = await redis.hget(cluster.prefix + ":{u:alice}:meta", "seq")
+    finally:
+        await redis.aclose()
+    assert answered == [2] and int(meta or 0) == 2, (answered, meta)
+
+
+async def test_a_half_close_is_passed_on_at_hand_over(cluster: Cluster, connect: Connect, redis_server: Any) -> None:
+    """A client that half-closes while the front answers, after a request that goes to aiohttp, gets
+    the front's answer and then the server closes the connection (it once stayed open in CLOSE-WAIT:
+    the EOF was not passed on to aiohttp). aiohttp itself does not answer a half-closed client."""
+    router = cluster.router()
+    connection = await connect(router)
+    await connection.exchange(send("alice"))  # the scripts are loaded
+    redis = aioredis.Redis(port=redis_server.port)
+    try:
+        await redis.execute_command("CLIENT", "PAUSE", "1000", "WRITE")  # under the 2 s command timeout
+        await connection.write(send("alice"))
+        await a_send_waits_on_paused_redis(redis)
+        await connection.write(HEALTHZ)
+        await connection.half_close()
+        answer = await connection.answer()
+        assert answer.fast and answer.seq() == 2, answer
+        rest = await connection.answer_or_close(timeout=5)
+        assert rest is None or (not rest.fast and rest.status == 200), rest
+        assert await connection.closed_by_server(timeout=5)
+    finally:
+        await redis.aclose()
