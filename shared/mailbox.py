@@ -109,6 +109,9 @@ class Mailbox:
         self._redis = redis
         self._fast = fast
         self._stream_maxlen = stream_maxlen
+        # The push's fixed keys and arguments (KEYS[5], ARGV[7..8] of mailbox_append), built once.
+        self._push_registry = keys.node_registry()
+        self._push_stream_affixes = keys.node_stream_affixes()
         self._dedup_ttl_s = dedup_ttl_s
         self._durable = durable
         self._observe = observe
@@ -151,8 +154,8 @@ class Mailbox:
         keys = [k.user_meta(user_id), k.mailbox(user_id), k.user_presence(user_id), dedup]
         args: list[Any] = [item.envelope, self._max_len, self._ttl_s, self._dedup_ttl_s if item.dedup_id else 0]
         if item.push and self.can_push:
-            keys.append(k.node_registry())
-            args.extend((user_id, self._stream_maxlen, *k.node_stream_affixes(), item.local_node or ""))
+            keys.append(self._push_registry)
+            args.extend((user_id, self._stream_maxlen, *self._push_stream_affixes, item.local_node or ""))
         return keys, args
 
     async def _run_script(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
