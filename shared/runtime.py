@@ -94,6 +94,10 @@ class _FrontedSite(web.TCPSite):
             await self._front.close(self._close_timeout_s)
 
 
+KEEPALIVE_TIMEOUT_S = 75.0
+"""What ``web.run_app`` gives aiohttp's connections (a bare ``AppRunner`` would keep them an hour)."""
+
+
 def serve(
     service: str,
     app: web.Application,
@@ -104,8 +108,8 @@ def serve(
 ) -> int:
     """Runs a service's app until SIGTERM/SIGINT on the configured loop; the process exit code.
 
-    With ``front``, connections start on it (the router's fast path) instead of on aiohttp's protocol;
-    the run and shutdown sequence is otherwise ``web.run_app``'s.
+    The sequence is ``web.run_app``'s, written out so that connections can start on ``front`` (the
+    router's fast path) instead of on aiohttp's protocol.
     """
     try:
         loop = new_event_loop(cfg.event_loop)
@@ -113,20 +117,8 @@ def serve(
         print(f"beeline {service}: {e}", file=sys.stderr)
         return 2
     tune_gc()
-    if front is None:
-        web.run_app(
-            app,
-            host=cfg.host,
-            port=cfg.port,
-            access_log=None,
-            print=None,
-            shutdown_timeout=shutdown_timeout_s,
-            handle_signals=True,
-            loop=loop,
-        )
-        return 0
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_run_fronted(app, cfg, front, shutdown_timeout_s))
+    main = loop.create_task(_run(app, cfg, front, shutdown_timeout_s))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
@@ -146,20 +138,21 @@ def serve(
     return 0
 
 
-KEEPALIVE_TIMEOUT_S = 75.0
-"""What ``web.run_app`` gives aiohttp's connections (a bare ``AppRunner`` would keep them an hour)."""
-
-
-async def _run_fronted(app: web.Application, cfg: CommonConfig, front: FrontFactory, shutdown_timeout_s: float) -> None:
-    # On stop the front's requests, then aiohttp's, may each take half of the shutdown timeout, so the
-    # whole stop stays within it.
-    share = shutdown_timeout_s / 2
+async def _run(app: web.Application, cfg: CommonConfig, front: FrontFactory | None, shutdown_timeout_s: float) -> None:
+    # With a front, on stop its requests and then aiohttp's may each take half of the shutdown timeout,
+    # so the whole stop stays within it.
+    share = shutdown_timeout_s if front is None else shutdown_timeout_s / 2
     runner = web.AppRunner(
         app, access_log=None, handle_signals=True, shutdown_timeout=share, keepalive_timeout=KEEPALIVE_TIMEOUT_S
     )
     await runner.setup()
     try:
-        await _FrontedSite(runner, cfg.host, cfg.port, front, share).start()
+        site = (
+            web.TCPSite(runner, cfg.host, cfg.port)
+            if front is None
+            else _FrontedSite(runner, cfg.host, cfg.port, front, share)
+        )
+        await site.start()
         await asyncio.Event().wait()  # until a signal raises GracefulExit
     finally:
         await runner.cleanup()
