@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from gateway import app as gateway_app
+
+
+async def started_task(cleanup: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+    """A task waiting inside its ``try`` (a task cancelled before it starts has no cleanup to run),
+    whose ``finally`` awaits ``cleanup``."""
+    started = asyncio.Event()
+
+    async def body() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await cleanup()
+
+    task = asyncio.create_task(body())
+    await started.wait()
+    return task
 
 
 async def test_cancelling_a_task_stuck_in_its_cleanup_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -14,17 +32,11 @@ async def test_cancelling_a_task_stuck_in_its_cleanup_is_bounded(monkeypatch: py
     read can) must not hold the stop: ``_cancel`` gives up after its bound and leaves it behind."""
     monkeypatch.setattr(gateway_app, "TASK_STOP_TIMEOUT_S", 0.2)
     never = asyncio.Event()
-    started = asyncio.Event()
 
-    async def stuck() -> None:
-        started.set()
-        try:
-            await asyncio.sleep(3600)
-        finally:
-            await asyncio.shield(never.wait())
+    async def wait_for_never() -> None:
+        await asyncio.shield(never.wait())
 
-    task = asyncio.create_task(stuck(), name="stuck")
-    await started.wait()  # inside its try: a task cancelled before it starts has no cleanup to run
+    task = await started_task(wait_for_never)
     await asyncio.wait_for(gateway_app._cancel(task), timeout=5)
     assert not task.done(), "the stuck task was left behind, not awaited forever"
     never.set()
@@ -33,17 +45,12 @@ async def test_cancelling_a_task_stuck_in_its_cleanup_is_bounded(monkeypatch: py
 
 
 async def test_cancelling_a_well_behaved_task_waits_for_it() -> None:
+    """A task whose cleanup finishes is cancelled and awaited to the end of that cleanup."""
     cleaned = asyncio.Event()
-    started = asyncio.Event()
 
-    async def polite() -> None:
-        started.set()
-        try:
-            await asyncio.sleep(3600)
-        finally:
-            cleaned.set()
+    async def clean() -> None:
+        cleaned.set()
 
-    task = asyncio.create_task(polite())
-    await started.wait()
+    task = await started_task(clean)
     await gateway_app._cancel(task)
     assert task.cancelled() and cleaned.is_set()
