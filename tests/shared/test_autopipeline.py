@@ -8,6 +8,7 @@ import gc
 import hashlib
 import os
 import signal
+from functools import partial
 from typing import Any
 
 import pytest
@@ -34,6 +35,11 @@ async def stat(server: RedisServer, section: str) -> dict[str, Any]:
         await probe.aclose()
     lines = raw.decode().splitlines()
     return dict(line.split(":", 1) for line in lines if ":" in line and not line.startswith("#"))
+
+
+async def one_blocked(server: RedisServer) -> bool:
+    """One client waits in a blocking command (the BLPOP a test holds the connection with)."""
+    return int((await stat(server, "clients"))["blocked_clients"]) == 1
 
 
 async def test_concurrent_commands_keep_their_order_and_share_a_write(own_redis: RedisServer) -> None:
@@ -64,15 +70,31 @@ async def test_error_replies_raise_after_every_reply_arrived(own_redis: RedisSer
         await fast.aclose()
 
 
+async def script_calls(server: RedisServer) -> tuple[int, int]:
+    """``(EVAL calls, EVALSHA calls)`` the server has run."""
+    stats = await stat(server, "commandstats")
+
+    def calls(command: str) -> int:
+        fields = dict(f.split("=", 1) for f in stats.get(f"cmdstat_{command}", "calls=0").split(","))
+        return int(fields["calls"])
+
+    return calls("eval"), calls("evalsha")
+
+
 async def test_scripts_load_themselves_after_a_flush(own_redis: RedisServer) -> None:
-    """A restarted Redis has no scripts: NOSCRIPT is answered by EVAL once, then EVALSHA works."""
+    """A restarted Redis has no scripts: NOSCRIPT is answered by EVAL once, then EVALSHA works (and
+    is what runs: EVAL is not sent again)."""
     fast = pipeline(own_redis)
     try:
         calls = [(["a"], [1]), (["b"], [2])]
         assert await fast.evalsha(SHA, SCRIPT, calls) == [[b"a", b"1"], [b"b", b"2"]]
         assert await fast.execute("SCRIPT", "EXISTS", SHA) == [1]
         await fast.execute("SCRIPT", "FLUSH")
+        evals, evalshas = await script_calls(own_redis)
         assert await fast.evalsha(SHA, SCRIPT, calls) == [[b"a", b"1"], [b"b", b"2"]]
+        assert await script_calls(own_redis) == (evals + 2, evalshas + 2)  # both refused, both re-run by EVAL
+        assert await fast.evalsha(SHA, SCRIPT, calls) == [[b"a", b"1"], [b"b", b"2"]]
+        assert await script_calls(own_redis) == (evals + 2, evalshas + 4)  # cached again: EVALSHA only
     finally:
         await fast.aclose()
 
@@ -95,10 +117,7 @@ async def test_a_lost_connection_fails_fast_and_the_next_command_reconnects(own_
 
         attempt = asyncio.ensure_future(in_flight_commands_fail())
 
-        async def blocked() -> bool:
-            return int((await stat(own_redis, "clients"))["blocked_clients"]) == 1
-
-        await eventually(blocked, timeout=5, what="the BLPOP to be in flight")
+        await eventually(partial(one_blocked, own_redis), timeout=5, what="the BLPOP to be in flight")
         own_redis.stop()
         assert await asyncio.wait_for(attempt, timeout=5)
         gc.collect()
@@ -150,10 +169,7 @@ async def test_a_cancelled_caller_does_not_shift_the_replies_of_others(own_redis
         doomed = asyncio.ensure_future(fast.execute("GET", "a"))
         kept = asyncio.ensure_future(fast.execute("GET", "b"))
 
-        async def in_flight() -> bool:
-            return int((await stat(own_redis, "clients"))["blocked_clients"]) == 1
-
-        await eventually(in_flight, timeout=5, what="the batch to be written and the BLPOP blocked")
+        await eventually(partial(one_blocked, own_redis), timeout=5, what="the batch written, the BLPOP blocked")
         doomed.cancel()
         with own_redis.client() as other:
             other.rpush("q", "go")
