@@ -25,11 +25,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import RouterConfig, load
 from shared.errors import ConfigError
+from shared.keys import Keys
+from shared.redis import RedisClient
 from tests.support import API_KEY, Client, Cluster, Service, eventually
 
 pytestmark = pytest.mark.redis
@@ -636,52 +637,54 @@ async def test_a_bare_lf_head_is_answered_at_once(cluster: Cluster, connect: Con
     assert not answer.fast and answer.status == 400, answer
 
 
-async def a_send_waits_on_paused_redis(redis: aioredis.Redis) -> None:
-    """Waits until a send's script sits postponed in Redis (``CLIENT PAUSE ... WRITE`` holds it)."""
+@contextlib.asynccontextmanager
+async def a_send_held_by_paused_redis(redis: RedisClient, connection: Connection, data: bytes) -> AsyncIterator[None]:
+    """Pauses Redis's writes for 1 s (under the 2 s command timeout), writes ``data`` (a plain send
+    first) and returns once that send's script sits postponed in Redis; unpauses on the way out."""
+    await redis.execute_command("CLIENT", "PAUSE", "1000", "WRITE")
+    try:
+        await connection.write(data)
 
-    async def postponed() -> bool:
-        clients = await redis.client_list()
-        return any(c.get("cmd") == "evalsha" and "b" in c.get("flags", "") for c in clients)
+        async def postponed() -> bool:
+            clients = await redis.client_list()
+            return any(c.get("cmd") == "evalsha" and "b" in c.get("flags", "") for c in clients)
 
-    await eventually(postponed, timeout=5, what="a send's script postponed by the paused Redis")
+        await eventually(postponed, timeout=5, what="a send's script postponed by the paused Redis")
+        yield
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
 
 
-async def test_shutdown_answers_every_send_it_stores(cluster: Cluster, connect: Connect, redis_server: Any) -> None:
+async def test_shutdown_answers_every_send_it_stores(
+    cluster: Cluster, connect: Connect, redis_client: RedisClient
+) -> None:
     """SIGTERM while pipelined sends wait on a paused Redis: the front finishes the send in progress,
     starts no other, and every stored send was answered (it once stored the next pipelined send and
     closed the connection without its answer)."""
     router = cluster.router()
+    assert router.proc is not None
     connection = await connect(router)
     await connection.exchange(send("alice"))  # seq 1, and the scripts are loaded
-    redis = aioredis.Redis(port=redis_server.port)
-    try:
-        await redis.execute_command("CLIENT", "PAUSE", "1000", "WRITE")  # under the 2 s command timeout
-        await connection.write(send("alice") + send("alice") + send("alice"))
-        await a_send_waits_on_paused_redis(redis)
-        router.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-        answered = []
+    answered = []
+    async with a_send_held_by_paused_redis(redis_client, connection, send("alice") * 3):
+        router.proc.send_signal(signal.SIGTERM)
         while (answer := await connection.answer_or_close()) is not None:
             answered.append(answer.seq())
-        assert router.proc.wait(timeout=10) == 0  # type: ignore[union-attr]
-        await redis.execute_command("CLIENT", "UNPAUSE")
-        meta = await redis.hget(cluster.prefix + ":{u:alice}:meta", "seq")
-    finally:
-        await redis.aclose()
+        assert router.proc.wait(timeout=10) == 0
+    meta = await redis_client.hget(Keys(cluster.prefix).user_meta("alice"), "seq")
     assert answered == [2] and int(meta or 0) == 2, (answered, meta)
 
 
-async def test_a_half_close_is_passed_on_at_hand_over(cluster: Cluster, connect: Connect, redis_server: Any) -> None:
+async def test_a_half_close_is_passed_on_at_hand_over(
+    cluster: Cluster, connect: Connect, redis_client: RedisClient
+) -> None:
     """A client that half-closes while the front answers, after a request that goes to aiohttp, gets
     the front's answer and then the server closes the connection (it once stayed open in CLOSE-WAIT:
     the EOF was not passed on to aiohttp). aiohttp itself does not answer a half-closed client."""
     router = cluster.router()
     connection = await connect(router)
     await connection.exchange(send("alice"))  # the scripts are loaded
-    redis = aioredis.Redis(port=redis_server.port)
-    try:
-        await redis.execute_command("CLIENT", "PAUSE", "1000", "WRITE")  # under the 2 s command timeout
-        await connection.write(send("alice"))
-        await a_send_waits_on_paused_redis(redis)
+    async with a_send_held_by_paused_redis(redis_client, connection, send("alice")):
         await connection.write(HEALTHZ)
         await connection.half_close()
         answer = await connection.answer()
@@ -689,5 +692,3 @@ async def test_a_half_close_is_passed_on_at_hand_over(cluster: Cluster, connect:
         rest = await connection.answer_or_close(timeout=5)
         assert rest is None or (not rest.fast and rest.status == 200), rest
         assert await connection.closed_by_server(timeout=5)
-    finally:
-        await redis.aclose()
