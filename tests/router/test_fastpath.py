@@ -25,12 +25,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import RouterConfig, load
 from shared.errors import ConfigError
 from shared.keys import Keys
 from shared.redis import RedisClient
+from tests.observability.support import metrics_text, scrape
 from tests.support import API_KEY, Client, Cluster, Service, eventually
 
 pytestmark = pytest.mark.redis
@@ -490,14 +490,7 @@ async def test_front_error_answers_equal_aiohttps_and_keep_the_connection(cluste
 async def metric_values(
     session: aiohttp.ClientSession, router: Service
 ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with session.get(f"{router.base_url}/metrics") as r:
-        assert r.status == 200
-        text = await r.text()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in scrape(await metrics_text(session, router))}
 
 
 async def test_metrics_count_front_requests_under_the_route(

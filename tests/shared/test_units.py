@@ -153,7 +153,8 @@ def test_classify_statuses() -> None:
 def test_event_loop_setting() -> None:
     """BEELINE_EVENT_LOOP picks the loop (uvloop is a dependency here); a typo stops the process at
     start, and ``auto`` means uvloop when it is installed."""
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop  # a dependency on Linux: a missing one must fail the test, not skip it
+
     assert load(RouterConfig, {"BEELINE_API_KEYS": "k" * 32}).event_loop == "auto"
     with pytest.raises(ConfigError, match="BEELINE_EVENT_LOOP"):
         load(RouterConfig, {"BEELINE_API_KEYS": "k" * 32, "BEELINE_EVENT_LOOP": "trio"})
