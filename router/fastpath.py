@@ -44,6 +44,11 @@ KEEPALIVE_S: Final = 75.0
 trickling bytes), is closed: aiohttp's keep-alive timeout."""
 _HEADER: Final = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
 _BARE_LF: Final = re.compile(rb"(?<!\r)\n")
+_RESPONSE_HEADS: Final = {
+    s.value: b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n" % (s.value, s.phrase.encode())
+    for s in HTTPStatus
+}
+"""The fixed start of each answer, per status (formatting it per request showed in the profile)."""
 _NOT_PLAIN: Final = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"idempotency-key", b"connection"})
 
 
@@ -220,7 +225,8 @@ class FastPathProtocol(asyncio.Protocol):
                     self._hand_over()  # not a plain send's head, or not one we would parse as aiohttp does
                 return
             head = bytes(buffer[:end])
-            plain = _plain_send(head) if _BARE_LF.search(head) is None else None
+            # Every LF ends a CRLF: two counts in C, cheaper per request than the regex search.
+            plain = _plain_send(head) if head.count(b"\n") == head.count(b"\r\n") else None
             if plain is None:
                 self._hand_over()
                 return
@@ -262,12 +268,12 @@ class FastPathProtocol(asyncio.Protocol):
         self._regulate_reading()
 
     def _response(self, status: int, payload: bytes, headers: Mapping[str, str]) -> bytes:
-        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("latin-1") if headers else b""
         return b"".join(
             (
-                f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-                f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(payload)}\r\n"
-                f"{extra}".encode("latin-1"),
+                _RESPONSE_HEADS[status],
+                b"Content-Length: %d\r\n" % len(payload),
+                extra,
                 b"Date: ",
                 self._front.date(),
                 b"\r\nServer: beeline\r\n\r\n",

@@ -201,17 +201,19 @@ class Metrics:
         self._redis_ops: dict[str, _RedisOpMetrics] = {}
         self._http: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._delivered: dict[str, tuple[Histogram, Counter]] = {}  # per path; filled for gateways
+        # The children the send path touches per message, looked up once: ``labels()`` takes a lock
+        # and a tuple key each time, several per send.
+        self._outcomes: dict[str, Counter] = {}
+        self._appends = self.mailbox_appends.labels(service)
+        self._trims = self.mailbox_trims.labels(service)
+        self._fill = self.mailbox_fill.labels(service)
         self._precreate()
 
     def _precreate(self) -> None:
         # Children for every known label value start at 0: a panel or alert over them has data (a
         # rate of 0) from the first scrape instead of "no data" until the first event.
         service = self.service
-        for outcome in OUTCOMES.get(service, ()):
-            self.messages.labels(service, outcome)
-        self.mailbox_appends.labels(service)
-        self.mailbox_trims.labels(service)
-        self.mailbox_fill.labels(service)
+        self._outcomes = {outcome: self.messages.labels(service, outcome) for outcome in OUTCOMES.get(service, ())}
         for code in REJECTION_CODES.get(service, ()):
             self.rejections.labels(service, code)
         if service != "gateway":
@@ -261,9 +263,9 @@ class Metrics:
 
     def observe_mailbox(self, length: int, trimmed: int, cap: int) -> None:
         """One append: how full that mailbox is now, and how many old entries the cap pushed out."""
-        self.mailbox_fill.labels(self.service).observe(length / cap if cap > 0 else 0.0)
+        self._fill.observe(length / cap if cap > 0 else 0.0)
         if trimmed > 0:
-            self.mailbox_trims.labels(self.service).inc(trimmed)
+            self._trims.inc(trimmed)
 
     def sent(self, statuses: Iterable[str]) -> None:
         """Counts one accepted send: a mailbox append and an outcome per receiver."""
@@ -271,12 +273,18 @@ class Metrics:
         for status in statuses:
             counts[status] = counts.get(status, 0) + 1
         for status, count in counts.items():
-            self.messages.labels(self.service, status).inc(count)
-        self.mailbox_appends.labels(self.service).inc(sum(counts.values()))
+            self._outcome(status).inc(count)
+        self._appends.inc(sum(counts.values()))
 
     def send_failed(self, receivers: int) -> None:
         """A send that stored nothing (Redis unavailable): every receiver counts as outcome ``error``."""
-        self.messages.labels(self.service, "error").inc(receivers)
+        self._outcome("error").inc(receivers)
+
+    def _outcome(self, outcome: str) -> Counter:
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self.messages.labels(self.service, outcome)
+        return child
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
