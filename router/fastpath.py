@@ -42,7 +42,9 @@ RESUME_READING_AT: Final = 64 * 1024
 KEEPALIVE_S: Final = 75.0
 """An idle connection, or one whose request has not arrived in full this long after it began (a client
 trickling bytes), is closed: aiohttp's keep-alive timeout."""
-_HEADER: Final = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*")
+_HEADER_LINE: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*"
+_HEADER_LINES: Final = re.compile(_HEADER_LINE + rb"(?:\r\n" + _HEADER_LINE + rb")*")
+"""Header lines (token, colon, value without control characters), all checked in one regex call."""
 _BARE_LF: Final = re.compile(rb"(?<!\r)\n")
 _RESPONSE_HEADS: Final = {
     s.value: b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n" % (s.value, s.phrase.encode())
@@ -54,27 +56,29 @@ _NOT_PLAIN: Final = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"id
 
 def _plain_send(head: bytes) -> tuple[int, bytes | None] | None:
     """``(content length, authorization)`` of a request head this front answers, else None."""
-    lines = head.split(b"\r\n")
-    if lines[0] != REQUEST_LINE or len(lines) > MAX_HEADERS + 1:
+    line_end = head.find(b"\r\n")
+    if line_end < 0 or head[:line_end] != REQUEST_LINE or _HEADER_LINES.fullmatch(head, line_end + 2) is None:
+        return None  # another request, obs-fold, bad characters, ...: aiohttp decides
+    lines = head[line_end + 2 :].split(b"\r\n")
+    if len(lines) > MAX_HEADERS:
         return None
     length: int | None = None
     authorization: bytes | None = None
     seen: set[bytes] = set()
-    for line in lines[1:]:
-        match = _HEADER.fullmatch(line)
-        if match is None:
-            return None  # obs-fold, bad characters, ...: aiohttp decides
-        name = match[1].lower()
+    for line in lines:
+        name, _, value = line.partition(b":")
+        name = name.lower()
         if name in _NOT_PLAIN or name in seen:  # a repeated header: aiohttp decides (some it refuses)
             return None
         seen.add(name)
         if name == b"content-length":
+            value = value.strip(b" \t")
             # Seven digits hold MAX_BODY_BYTES; a longer value (zero-padded, or huge) goes to aiohttp.
-            if not match[2].isdigit() or len(match[2]) > 7:
+            if not value.isdigit() or len(value) > 7:
                 return None
-            length = int(match[2])
+            length = int(value)
         elif name == b"authorization":
-            authorization = match[2]
+            authorization = value.strip(b" \t")
     if length is None or length > MAX_BODY_BYTES:
         return None
     return length, authorization

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from router.fastpath import _plain_send
 from shared.config import RouterConfig, load
 from shared.errors import ConfigError
 from shared.keys import Keys
@@ -617,6 +618,37 @@ async def test_unusual_heads_are_answered_by_aiohttp(
     data = http("POST", "/v1/messages", AUTH, *head_lines, body=send_body("alice"), length=length)
     answer = await connection.exchange(data)
     assert not answer.fast and answer.status == status, (name, answer)
+
+
+@pytest.mark.parametrize(
+    ("head_lines", "expected"),
+    [
+        (["Content-Length: 5", "Authorization: Bearer k"], (5, b"Bearer k")),
+        (["content-length:\t 5 \t", "AUTHORIZATION:Bearer k \t"], (5, b"Bearer k")),
+        (["Content-Length: 5", "X-Tab: a\tb", "X-Empty:", "X-Colons: a:b"], (5, None)),
+        (["Content-Length: 5", "X-Bad: a\x01b"], None),
+        (["Content-Length: 5", "X-Bad: a\x7fb"], None),
+        (["Content-Length: 5", "X-Bad : 1"], None),
+        (["Content-Length: 5", ": no name"], None),
+        (["Content-Length: 5", "no colon"], None),
+        (["Content-Length: 5", " folded"], None),
+        (["Content-Length: 5", "content-length: 5"], None),
+        (["Content-Length: 05"], (5, None)),
+        (["Content-Length: 12345678"], None),
+        (["Content-Length: -1"], None),
+        (["Content-Length: 5", "Transfer-Encoding: chunked"], None),
+        (["Authorization: Bearer k"], None),
+        ([], None),
+    ],
+)
+def test_the_front_parses_a_head_like_aiohttp_or_declines(
+    head_lines: list[str], expected: tuple[int, bytes | None] | None
+) -> None:
+    """The head parser, line by line: OWS stripped, names case-insensitive, any control character,
+    whitespace before the colon, a nameless or colonless line, a repeat or a meaning-changing header
+    declines (aiohttp answers those)."""
+    head = "\r\n".join(["POST /v1/messages HTTP/1.1", *head_lines]).encode("latin-1")
+    assert _plain_send(head) == expected
 
 
 async def test_a_bare_lf_head_is_answered_at_once(cluster: Cluster, connect: Connect) -> None:
