@@ -28,9 +28,10 @@ import math
 import sys
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import aiohttp
 import msgpack
@@ -67,17 +68,13 @@ async def read_command(reader: asyncio.StreamReader) -> dict[str, Any]:
 # -- payloads ------------------------------------------------------------------------------------------
 
 
-def message_body(to: str | list[str], msg_id: int, sent_at: float, size: int) -> dict[str, Any]:
-    """One message object whose compact JSON is ``size`` bytes when that is reachable: the payload
-    carries the id, the send time and padding."""
-    body: dict[str, Any] = {"to": to, "channel": CHANNEL, "payload": {"i": msg_id, "t": round(sent_at, 6), "p": ""}}
-    bare = len(json.dumps(body, separators=(",", ":")))
-    body["payload"]["p"] = "x" * max(0, size - bare)
-    return body
-
-
-def encode(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+def message_json(to: str | list[str], msg_id: int, sent_at: float, size: int) -> str:
+    """One message object's compact JSON, ``size`` bytes when that is reachable: the payload carries
+    the id, the send time and padding. Formatted, not ``json.dumps``-ed twice to measure the padding:
+    the sender's CPU competes with the servers it measures."""
+    head = f'{{"to":{json.dumps(to, separators=(",", ":"))},"channel":"{CHANNEL}","payload":{{"i":{msg_id},'
+    head += f'"t":{round(sent_at, 6)!r},"p":"'
+    return head + "x" * max(0, size - len(head) - 3) + '"}}'
 
 
 # -- receivers -----------------------------------------------------------------------------------------
@@ -257,53 +254,110 @@ class PhaseResult:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
-def request_body(form: str, request: list[list[Any]], sent_at: float, size: int) -> tuple[str, bytes]:
+def request_body(form: str, request: list[list[Any]], sent_at: float, size: int) -> tuple[bytes, bytes]:
     """(path, JSON body) of one request of the given form."""
     if form == "batch":
-        messages = [message_body(users[0], msg_id, sent_at, size) for msg_id, users in request]
-        return "/v1/messages/batch", encode({"messages": messages})
+        messages = ",".join(message_json(users[0], msg_id, sent_at, size) for msg_id, users in request)
+        return b"/v1/messages/batch", f'{{"messages":[{messages}]}}'.encode()
     [[msg_id, users]] = request
     to: str | list[str] = users[0] if form == "single" else list(users)
-    return "/v1/messages", encode(message_body(to, msg_id, sent_at, size))
+    return b"/v1/messages", message_json(to, msg_id, sent_at, size).encode()
 
 
 class HttpError(Exception):
     """The router's answer could not be read (the connection is dropped and replaced)."""
 
 
-class HttpConnection:
+Answered = Callable[[int | None, str | None], None]
+"""Called once per request: (status, None), or (None, the error's name) when no answer came."""
+
+
+class HttpConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to the router, used by one request at a time.
 
     The load generator's own CPU competes with the servers on a small machine, so the senders speak
-    just enough HTTP/1.1 for the router's API (Content-Length or chunked bodies, keep-alive) at a fraction
-    of a general-purpose client's cost per request.
+    just enough HTTP/1.1 for the router's API (Content-Length or chunked bodies, keep-alive), as a
+    protocol with a completion callback: no stream reader, task or timer per request.
     """
 
-    def __init__(self, host: str, port: int, authorization: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, host: str, port: int, authorization: str) -> None:
+        self._loop = loop
         self._host = host
         self._port = port
-        self._fixed = (
-            f"Host: {host}:{port}\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\n"
-        ).encode()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._fixed = f"Host: {host}:{port}\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\n"
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._answered: Answered | None = None
+        self.started = 0.0  # loop time the request in progress was written
 
-    async def post(self, path: str, body: bytes) -> int:
-        if self._writer is None or self._reader is None:
-            self._reader, self._writer = await asyncio.open_connection(self._host, self._port)
-        reader, writer = self._reader, self._writer
-        writer.write(
-            b"POST " + path.encode() + b" HTTP/1.1\r\n" + self._fixed
+    @property
+    def busy(self) -> bool:
+        return self._answered is not None
+
+    async def open(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            self._buffer.clear()
+            await self._loop.create_connection(lambda: self, self._host, self._port)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast("asyncio.Transport", transport)
+
+    def post(self, path: bytes, body: bytes, answered: Answered) -> None:
+        assert self._transport is not None, "open() first"
+        assert self._answered is None, "one request at a time"
+        self._answered = answered
+        self.started = self._loop.time()
+        self._transport.write(
+            b"POST " + path + b" HTTP/1.1\r\n" + self._fixed.encode()
             + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )  # fmt: skip
-        status_line = await reader.readline()
-        parts = status_line.split(None, 2)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            status = self._parse()
+        except (HttpError, ValueError) as e:
+            self.fail(type(e).__name__)
+            return
+        if status is not None:
+            self._finish(status, None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._answered is not None:
+            self._finish(None, type(exc).__name__ if exc is not None else "ConnectionResetError")
+
+    def fail(self, error: str) -> None:
+        """Drops the connection (the next request reconnects) and reports ``error`` for its request."""
+        if self._transport is not None:
+            self._transport.abort()
+            self._transport = None
+        if self._answered is not None:
+            self._finish(None, error)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _finish(self, status: int | None, error: str | None) -> None:
+        answered, self._answered = self._answered, None
+        if answered is not None:
+            answered(status, error)
+
+    def _parse(self) -> int | None:
+        """The status of the complete answer at the buffer's start (consumed), or None while partial."""
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        lines = bytes(buffer[:end]).split(b"\r\n")
+        parts = lines[0].split(None, 2)
         if len(parts) < 2 or not parts[1].isdigit():
-            raise HttpError(f"bad status line {status_line[:80]!r}")
+            raise HttpError(f"bad status line {lines[0][:80]!r}")
         length = -1
         chunked = False
         keep_alive = True
-        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        for line in lines[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
             if name == b"content-length":
@@ -312,25 +366,35 @@ class HttpConnection:
                 chunked = True
             elif name == b"connection" and b"close" in value.lower():
                 keep_alive = False
+        start = end + 4
         if chunked:
-            while (size := int((await reader.readline()).split(b";")[0].strip() or b"0", 16)) > 0:
-                await reader.readexactly(size + 2)
-            await reader.readline()
+            done = _chunked_end(buffer, start)
+            if done is None:
+                return None
+            del buffer[:done]
         elif length >= 0:
-            await reader.readexactly(length)
+            if len(buffer) < start + length:
+                return None
+            del buffer[: start + length]
         else:
-            keep_alive = False
-            await reader.read()
+            raise HttpError("an answer without a length")
         if not keep_alive:
-            await self.close()
+            self.close()
         return int(parts[1])
 
-    async def close(self) -> None:
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, ConnectionError):
-                await writer.wait_closed()
+
+def _chunked_end(buffer: bytearray, position: int) -> int | None:
+    """Where the chunked body starting at ``position`` ends, or None while it is incomplete."""
+    while True:
+        line_end = buffer.find(b"\r\n", position)
+        if line_end < 0:
+            return None
+        size = int(bytes(buffer[position:line_end]).split(b";")[0].strip() or b"0", 16)
+        position = line_end + 2 + size + 2  # the chunk and its CRLF (the last chunk has no data)
+        if size == 0:
+            return position if len(buffer) >= position else None
+        if len(buffer) < position:
+            return None
 
 
 class Sender:
@@ -345,10 +409,13 @@ class Sender:
         self.concurrency = int(config.get("concurrency", 64))
         self.progress_s = float(config.get("progress_s", 0.25))
         self.result = PhaseResult()
-        self.idle: list[HttpConnection] = []
+        self.connections: list[HttpConnection] = []
 
     async def run(self, commands: asyncio.StreamReader) -> None:
-        self.idle = [HttpConnection(self.host, self.port, self.authorization) for _ in range(self.concurrency)]
+        loop = asyncio.get_running_loop()
+        self.connections = [
+            HttpConnection(loop, self.host, self.port, self.authorization) for _ in range(self.concurrency)
+        ]
         try:
             emit({"event": "ready"})
             while True:
@@ -365,70 +432,21 @@ class Sender:
                     )
                     emit(await self._send_phase(phase))
         finally:
-            await asyncio.gather(*(c.close() for c in self.idle), return_exceptions=True)
-
-    async def _post(
-        self, connection: HttpConnection, phase: SendPhase, request: list[list[Any]], due: float | None
-    ) -> None:
-        result = self.result
-        count = sum(len(users) for _id, users in request)
-        now = time.time()
-        # Open loop: the payload carries the time the request was due, so a request that waited for a
-        # free slot shows that wait as latency (no coordinated omission).
-        if due is not None:
-            result.lags_ms.append((now - due) * 1000)
-        path, body = request_body(phase.form, request, due if due is not None else now, phase.size)
-        result.sent += count
-        result.last_send = now
-        try:
-            status = await asyncio.wait_for(connection.post(path, body), timeout=REQUEST_TIMEOUT_S)
-        except (HttpError, TimeoutError, OSError, ValueError, asyncio.IncompleteReadError) as e:
-            await connection.close()
-            result.error(type(e).__name__)
-            return
-        if status == 202:
-            result.accepted += count
-            result.accepted_ids.extend(int(msg_id) for msg_id, _users in request)
-            result.last_response = time.time()
-        else:
-            result.error(str(status))
+            for connection in self.connections:
+                connection.close()
 
     async def _send_phase(self, phase: SendPhase) -> dict[str, Any]:
         self.result = result = PhaseResult()
-        free = asyncio.Queue[HttpConnection]()
-        for connection in self.idle:
-            free.put_nowait(connection)
-        in_flight: set[asyncio.Task[None]] = set()
-
-        async def post(connection: HttpConnection, request: list[list[Any]], due: float | None) -> None:
-            try:
-                await self._post(connection, phase, request, due)
-            finally:
-                free.put_nowait(connection)
-
+        run = _PhaseRun(phase, result, self.connections)
         progress = asyncio.create_task(self._progress(phase.name))
-        start_mono = time.monotonic()
-        result.first_send = start_wall = time.time()
-        offset = 0.0  # seconds after the start at which the next request is due (open loop)
+        watchdog = asyncio.create_task(self._expire_stuck_requests())
         try:
-            for request in phase.requests:
-                due: float | None = None
-                if phase.rate > 0:
-                    delay = start_mono + offset - time.monotonic()
-                    if delay > 0.0005:
-                        await asyncio.sleep(delay)
-                    due = start_wall + offset
-                    offset += sum(len(users) for _id, users in request) / phase.rate
-                connection = await free.get()
-                task = asyncio.create_task(post(connection, request, due))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-            if in_flight:
-                await asyncio.gather(*in_flight)
+            await run.send_all()
         finally:
-            progress.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await progress
+            for task in (progress, watchdog):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         lags = sorted(result.lags_ms)
         return {
             "event": "done",
@@ -443,10 +461,90 @@ class Sender:
             "sender_lag_p99_ms": round(lags[max(0, math.ceil(0.99 * len(lags)) - 1)], 2) if lags else 0.0,
         }
 
+    async def _expire_stuck_requests(self) -> None:
+        """One timer for all connections: a request unanswered after REQUEST_TIMEOUT_S fails."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            deadline = loop.time() - REQUEST_TIMEOUT_S
+            for connection in self.connections:
+                if connection.busy and connection.started < deadline:
+                    connection.fail("TimeoutError")
+
     async def _progress(self, phase: str) -> None:
         while True:
             await asyncio.sleep(self.progress_s)
             emit({"event": "progress", "phase": phase, "sent": self.result.sent, "accepted": self.result.accepted})
+
+
+class _PhaseRun:
+    """Sends one phase's requests over the free connections, each answer handing its connection back."""
+
+    def __init__(self, phase: SendPhase, result: PhaseResult, connections: list[HttpConnection]) -> None:
+        self._phase = phase
+        self._result = result
+        self._connections = connections
+        self._free = deque(connections)
+        self._freed: asyncio.Future[None] | None = None  # set when a connection comes back
+
+    async def send_all(self) -> None:
+        phase, result = self._phase, self._result
+        start_mono = time.monotonic()
+        result.first_send = start_wall = time.time()
+        offset = 0.0  # seconds after the start at which the next request is due (open loop)
+        for request in phase.requests:
+            count = sum(len(users) for _id, users in request)
+            due: float | None = None
+            if phase.rate > 0:
+                delay = start_mono + offset - time.monotonic()
+                if delay > 0.0005:
+                    await asyncio.sleep(delay)
+                due = start_wall + offset
+                offset += count / phase.rate
+            while not self._free:
+                await self._wait_freed()
+            connection = self._free.popleft()
+            try:
+                await connection.open()
+            except OSError as e:
+                result.sent += count
+                result.error(type(e).__name__)
+                self._release(connection)
+                continue
+            self._post(connection, request, count, due)
+        while len(self._free) < len(self._connections):
+            await self._wait_freed()
+
+    def _post(self, connection: HttpConnection, request: list[list[Any]], count: int, due: float | None) -> None:
+        result = self._result
+        now = time.time()
+        # Open loop: the payload carries the time the request was due, so a request that waited for a
+        # free slot shows that wait as latency (no coordinated omission).
+        if due is not None:
+            result.lags_ms.append((now - due) * 1000)
+        path, body = request_body(self._phase.form, request, due if due is not None else now, self._phase.size)
+        result.sent += count
+        result.last_send = now
+
+        def answered(status: int | None, error: str | None) -> None:
+            if status == 202:
+                result.accepted += count
+                result.accepted_ids.extend(int(msg_id) for msg_id, _users in request)
+                result.last_response = time.time()
+            else:
+                result.error(error or str(status))
+            self._release(connection)
+
+        connection.post(path, body, answered)
+
+    def _release(self, connection: HttpConnection) -> None:
+        self._free.append(connection)
+        if self._freed is not None and not self._freed.done():
+            self._freed.set_result(None)
+
+    async def _wait_freed(self) -> None:
+        self._freed = asyncio.get_running_loop().create_future()
+        await self._freed
 
 
 # -- entry point ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ are checked on made-up data first."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from beeline.bench import IDLE_FIELDS, RUN_FIELDS, format_table, parse_args, plan_requests
+from beeline.bench_client import HttpConnection, message_json, request_body
 from beeline.bench_stats import (
     INFO_COMMAND,
     Receipt,
@@ -214,3 +216,78 @@ def test_plans_cover_every_message_in_each_form() -> None:
         assert deliveries == 25
     table = format_table([])
     assert "p99" in table
+
+
+@pytest.mark.parametrize("size", [20, 95, 300])
+@pytest.mark.parametrize("to", ["user-7", ["u1", 'u"2']])
+def test_message_json_is_compact_json_of_the_asked_size(to: str | list[str], size: int) -> None:
+    text = message_json(to, 42, 1764201234.123456, size)
+    body = json.loads(text)
+    assert body["to"] == to and body["channel"] == "bench"
+    assert (body["payload"]["i"], body["payload"]["t"]) == (42, 1764201234.123456)
+    assert text == json.dumps(body, separators=(",", ":"))
+    reachable = len(message_json(to, 42, 1764201234.123456, 0))
+    assert len(text) == max(size, reachable)
+    path, batch = request_body("batch", [[1, ["a"]], [2, ["b"]]], 1.5, size)
+    assert path == b"/v1/messages/batch" and [m["to"] for m in json.loads(batch)["messages"]] == ["a", "b"]
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+
+ANSWERS = [
+    (b"HTTP/1.1 202 Accepted\r\nContent-Length: 5\r\n\r\nhello", 202, False),
+    (b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=1\r\nde\r\n0\r\n\r\n", 400, False),
+    (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", 503, True),
+]
+
+
+@pytest.mark.parametrize(("answer", "status", "closes"), ANSWERS)
+def test_the_sender_reads_an_answer_split_anywhere(answer: bytes, status: int, closes: bool) -> None:
+    """The load generator's HTTP client reports each answer once, however the bytes arrive, and keeps
+    reading the next answer on the same connection (or drops it on ``Connection: close``)."""
+    loop = asyncio.new_event_loop()
+    for split in range(1, len(answer)):
+        connection = HttpConnection(loop, "127.0.0.1", 1, "Bearer k")
+        transport = _Transport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        seen: list[tuple[int | None, str | None]] = []
+        connection.post(b"/v1/messages", b"{}", lambda s, e, seen=seen: seen.append((s, e)))
+        assert transport.written[0].startswith(b"POST /v1/messages HTTP/1.1\r\n")
+        connection.data_received(answer[:split])
+        assert seen == []
+        connection.data_received(answer[split:])
+        assert seen == [(status, None)] and transport.closed == closes and not connection.busy
+        if not closes:
+            connection.post(b"/v1/messages", b"{}", lambda s, e, seen=seen: seen.append((s, e)))
+            connection.data_received(ANSWERS[0][0])
+            assert seen[-1] == (202, None)
+    loop.close()
+
+
+def test_the_sender_reports_a_lost_or_garbled_answer_as_an_error() -> None:
+    loop = asyncio.new_event_loop()
+    connection = HttpConnection(loop, "127.0.0.1", 1, "Bearer k")
+    seen: list[tuple[int | None, str | None]] = []
+    connection.connection_made(_Transport())  # type: ignore[arg-type]
+    connection.post(b"/v1/messages", b"{}", lambda s, e: seen.append((s, e)))
+    connection.data_received(b"garbage\r\n\r\n")
+    connection.connection_made(_Transport())  # type: ignore[arg-type]
+    connection.post(b"/v1/messages", b"{}", lambda s, e: seen.append((s, e)))
+    connection.connection_lost(None)
+    loop.close()
+    assert seen == [(None, "HttpError"), (None, "ConnectionResetError")]
