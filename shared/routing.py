@@ -147,13 +147,22 @@ class Sender:
             if self._metrics is not None:
                 self._metrics.send_failed(sum(len(m.to) for m in messages))
             raise
+        # Where each receiver is live: judged by Redis in the append when it pushed, else by the
+        # registry view (the only await, and only then).
+        live: list[dict[str, int]] = []
+        for item in appended:
+            pushed = item.pushed
+            if pushed is None:
+                live.append(await self._nodes.live_subset(item.presence))
+            else:  # Redis judged every node but ours in the append, and pushed to the live ones
+                live.append({n: c for n, c in item.presence.items() if n in pushed or n == self._local_node})
         outgoing: list[Outgoing] = []
         statuses: list[list[tuple[Appended, str, tuple[str, ...]]]] = []
         cursor = 0
         for message, envelope_bytes in zip(messages, packed, strict=True):
-            mine = appended[cursor : cursor + len(message.to)]
-            cursor += len(message.to)
-            out, rows = await self._plan(message.envelope, envelope_bytes, mine)
+            end = cursor + len(message.to)
+            out, rows = self._plan(message.envelope, envelope_bytes, appended[cursor:end], live[cursor:end])
+            cursor = end
             outgoing.append(out)
             statuses.append(rows)
         unreached = await self._delivery.push(outgoing)
@@ -161,10 +170,13 @@ class Sender:
         for rows, missing in zip(statuses, unreached, strict=True):
             per_message = []
             for item, status, nodes in rows:
-                pushed = item.pushed or {}
-                reached = tuple(n for n in nodes if n not in missing and pushed.get(n, True))
-                final = status if reached else STORED
-                per_message.append(SendResult(item.user_id, item.seq, item.epoch, final, reached))
+                reached = nodes
+                pushed = item.pushed
+                if missing or (pushed and not all(pushed.values())):
+                    reached = tuple([n for n in nodes if n not in missing and (pushed is None or pushed.get(n, True))])
+                per_message.append(
+                    SendResult(item.user_id, item.seq, item.epoch, status if reached else STORED, reached)
+                )
             results.append(per_message)
         self._account(messages, results)
         return results
@@ -183,18 +195,18 @@ class Sender:
                     statuses=sorted({r.status for r in per_message}),
                 )
 
-    async def _plan(
-        self, envelope: Envelope, envelope_bytes: bytes, appended: Sequence[Appended]
+    def _plan(
+        self,
+        envelope: Envelope,
+        envelope_bytes: bytes,
+        appended: Sequence[Appended],
+        live: Sequence[Mapping[str, int]],
     ) -> tuple[Outgoing, list[tuple[Appended, str, tuple[str, ...]]]]:
         targets: dict[str, list[Recipient]] = {}
         local: list[Recipient] = []
         rows = []
-        for item in appended:
-            if item.pushed is None:
-                live = await self._nodes.live_subset(item.presence)
-            else:  # Redis judged every node but ours in the append, and pushed to the live ones
-                live = {n: c for n, c in item.presence.items() if n in item.pushed or n == self._local_node}
-            nodes = tuple(sorted(live))
+        for item, live_nodes in zip(appended, live, strict=True):
+            nodes = tuple(sorted(live_nodes))
             recipient = Recipient(item.user_id, item.seq, item.epoch)
             for node_id in nodes:
                 if node_id == self._local_node:
