@@ -126,7 +126,7 @@ class Gateway:
             info=self._node_info,
             on_lost=self.recover,
         )
-        async with self.metrics.redis_op("node_start"):
+        with self.metrics.redis_op("node_start"):
             # A previous incarnation with this node id (a restarted pod) may have left entries behind.
             await self.presence.reap(self.node_id)
             await self.reader.prepare()
@@ -159,7 +159,7 @@ class Gateway:
         if self._store is not None:
             # One O(1) XLEN per beat: the heartbeat's cost stays constant per node.
             with contextlib.suppress(StoreUnavailable):
-                async with self.metrics.redis_op("stream_length"):
+                with self.metrics.redis_op("stream_length"):
                     length = await self._store.redis.xlen(self.keys.node_stream(self.node_id))
                 self.metrics.stream_length.labels(self.node_id).set(length)
         return NodeInfo(node_id=self.node_id, connections=len(self.hub), stream_lag=lag, draining=self.draining)
@@ -169,7 +169,7 @@ class Gateway:
         async with self._recover_lock:
             # Order matters: the stream must exist before presence says "push here", and every
             # connection is resynced after presence is back, so a message is either pushed or read.
-            async with self.metrics.redis_op("stream_ensure"):
+            with self.metrics.redis_op("stream_ensure"):
                 await self.reader.ensure_stream()
             counts = self.hub.counts()
             await self.presence.restore(self.node_id, counts)
@@ -491,7 +491,7 @@ async def _readyz(request: web.Request) -> web.Response:
     if gateway.draining:
         return json_error(503, "draining", "node is draining")
     try:
-        async with gateway.metrics.redis_op("ping"):
+        with gateway.metrics.redis_op("ping"):
             await gateway.registry.refresh()
     except StoreUnavailable:
         return json_error(503, "unavailable", "redis unavailable", retry_after=1)

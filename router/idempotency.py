@@ -54,18 +54,18 @@ class IdempotencyStore:
             raise InvalidRequest("invalid_field", f"Idempotency-Key must be 1..{MAX_KEY_LEN} characters")
         digest = hashlib.sha256(body).hexdigest()[:32].encode()
         name = self._keys.idempotency(scope, key)
-        async with self._metrics.redis_op("idempotency_claim"):
+        with self._metrics.redis_op("idempotency_claim"):
             claimed = await self._redis.set(name, PENDING + digest, nx=True, ex=min(self._window_s, PENDING_TTL_S))
         if claimed:
             try:
                 response = await send()
             except BaseException:
-                async with self._metrics.redis_op("idempotency_release"):
+                with self._metrics.redis_op("idempotency_release"):
                     await self._redis.delete(name)
                 raise
             stored = digest + b":" + json.dumps(response, separators=(",", ":")).encode()
             try:
-                async with self._metrics.redis_op("idempotency_store"):
+                with self._metrics.redis_op("idempotency_store"):
                     await self._redis.set(name, stored, ex=self._window_s)
             except StoreUnavailable:
                 # The message was accepted: answer with it rather than a 503 that invites a resend.
@@ -77,7 +77,7 @@ class IdempotencyStore:
         deadline = time.monotonic() + WAIT_FOR_FIRST_S
         delay = 0.005
         while True:
-            async with self._metrics.redis_op("idempotency_get"):
+            with self._metrics.redis_op("idempotency_get"):
                 value = cast("bytes | None", await self._redis.get(name))  # the client returns bytes
             if value is None:
                 raise IdempotencyConflict(

@@ -95,7 +95,7 @@ class NodeStreamDelivery:
         """XADDs each ``(node, entry)`` to that node's stream in one round trip: an entry id each, or
         None where the stream no longer exists (its node is gone)."""
         stream = self._keys.node_stream
-        async with self._guard("stream_push"):
+        with self._guard("stream_push"):
             if self._fast is not None:
                 return await self._fast.execute_many(
                     [
@@ -133,7 +133,7 @@ class BroadcastDelivery:
         await self._publish([StreamEntry(envelope=None, disconnect_user=user_id).pack()])
 
     async def _publish(self, entries: Sequence[bytes]) -> None:
-        async with self._guard("broadcast_publish"):
+        with self._guard("broadcast_publish"):
             if self._fast is not None:
                 await self._fast.execute_many([("PUBLISH", self._channel, entry) for entry in entries])
             else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgpack
 
@@ -65,9 +65,12 @@ class Envelope:
             raise EnvelopeDecodeError(f"bad envelope: {e}") from e
 
 
-@dataclass(frozen=True, slots=True)
-class Recipient:
-    """One receiver of an envelope: the user and the ``seq`` Redis assigned in that user's ``epoch``."""
+class Recipient(NamedTuple):
+    """One receiver of an envelope: the user and the ``seq`` Redis assigned in that user's ``epoch``.
+
+    The hot path's small records are NamedTuples: as immutable as a frozen dataclass, at half its
+    construction cost (a frozen dataclass sets each field through ``object.__setattr__``), and one
+    is built per receiver per message on both services."""
 
     user_id: str
     seq: int

@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.commands.core import AsyncScript
 
@@ -32,8 +32,7 @@ MailboxObserver = Callable[[int, int, int], None]
 """Called with ``(length, trimmed, cap)`` after each append (metrics: fill ratio and trims)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Append:
+class Append(NamedTuple):
     """One message for one user. With a ``dedup_id`` (idempotent sends), appending it again within the
     dedup window returns the first seq instead of a second copy."""
 
@@ -46,8 +45,7 @@ class Append:
     local_node: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Appended:
+class Appended(NamedTuple):
     """Result of one append: the assigned seq and epoch, node_id -> connections of the receiver, and
     the mailbox's length after it with how many old entries the cap trimmed. ``pushed`` (None: no push
     was made) has each live node of the user's but the sender's own: whether the entry reached its
@@ -136,7 +134,7 @@ class Mailbox:
     async def append_each(self, items: Sequence[Append]) -> list[Appended]:
         """Appends many messages (each to one user) in one round trip (see :meth:`_run_script`)."""
         calls = [self._append_call(i) for i in items]
-        async with self._guard("mailbox_append"):
+        with self._guard("mailbox_append"):
             if self._durable is not None:
                 # Each call gets the client to run on (a primary's pipeline); the user meta key routes it.
                 raws = await self._durable.run([(keys[0], partial(self._append, keys, args)) for keys, args in calls])
@@ -193,7 +191,7 @@ class Mailbox:
         """:meth:`open` for many users in one round trip (a node resyncing all its users)."""
         k = self._keys
         calls = [([k.user_meta(u), k.mailbox(u)], [self._ttl_s]) for u in user_ids]
-        async with self._guard("mailbox_open"):
+        with self._guard("mailbox_open"):
             raws = await self._run_script(self._open, calls)
         return {
             u: SequenceState(epoch=_text(raw[0]), last_seq=int(raw[1]), acked=int(raw[2]))
@@ -202,11 +200,11 @@ class Mailbox:
 
     async def read(self, user_id: str, after_seq: int, *, count: int) -> list[StoredMessage]:
         """Up to ``count`` stored messages with seq > ``after_seq``, in seq order."""
-        async with self._guard("mailbox_read"):
+        with self._guard("mailbox_read"):
             entries = await self._redis.xrange(self._keys.mailbox(user_id), min=f"({after_seq}-0", max="+", count=count)
         return [_stored(entry_id, fields) for entry_id, fields in entries or ()]
 
     async def ack(self, user_id: str, epoch: str, seq: int) -> int:
         """Moves the read cursor to ``seq`` (cumulative); returns the cursor, or -1 if the epoch is gone."""
-        async with self._guard("mailbox_ack"):
+        with self._guard("mailbox_ack"):
             return int(await self._ack(keys=[self._keys.user_meta(user_id)], args=[epoch, seq]))

@@ -306,10 +306,10 @@ class TimedRedisOp:
         self._metrics = metrics
         self._start = 0.0
 
-    async def __aenter__(self) -> None:
+    def __enter__(self) -> None:
         self._start = time.perf_counter()
 
-    async def __aexit__(
+    def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._metrics.latency.observe(time.perf_counter() - self._start)

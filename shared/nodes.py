@@ -112,7 +112,7 @@ class NodeRegistry:
 
     async def refresh(self) -> RegistryView:
         asked_at = time.monotonic()
-        async with self._guard("node_list"):
+        with self._guard("node_list"):
             raw = await self._list(keys=[self._keys.node_registry()])
         flat = raw[1]
         deadlines = {_text(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}
@@ -148,7 +148,7 @@ class NodeRegistry:
 
     async def beat(self, info: NodeInfo) -> Beat:
         """Refreshes the node's deadline, info and key TTLs: a constant number of commands."""
-        async with self._guard("node_beat"):
+        with self._guard("node_beat"):
             k = self._keys
             node_id = info.node_id
             raw = await self._beat(keys=[k.node_registry()], args=[node_id, self._dead_after_ms])
@@ -171,20 +171,20 @@ class NodeRegistry:
 
     async def leave(self, node_id: str) -> None:
         """Removes the node from the registry at once (graceful stop)."""
-        async with self._guard("node_leave"):
+        with self._guard("node_leave"):
             await self._redis.zrem(self._keys.node_registry(), node_id)
 
     async def forget_if_dead(self, node_id: str) -> bool:
-        async with self._guard("node_forget"):
+        with self._guard("node_forget"):
             return bool(await self._forget(keys=[self._keys.node_registry()], args=[node_id]))
 
     async def claim_reap(self, node_id: str, ttl_s: float) -> bool:
         """A short lock so that one gateway, not all, reaps a given dead node."""
-        async with self._guard("node_reap_lock"):
+        with self._guard("node_reap_lock"):
             return bool(await self._redis.set(self._keys.node_reap_lock(node_id), b"1", nx=True, px=int(ttl_s * 1000)))
 
     async def infos(self, node_ids: Sequence[str]) -> list[NodeInfo]:
-        async with self._guard("node_infos"):
+        with self._guard("node_infos"):
             if not node_ids:
                 return []
             async with self._redis.pipeline(transaction=False) as pipe:

@@ -60,7 +60,7 @@ class RedisPresenceDirectory:
         self._remove = redis.register_script(lua_source("presence_remove"))
 
     async def register(self, user_id: str, node_id: str) -> None:
-        async with self._guard("presence_register"):
+        with self._guard("presence_register"):
             k = self._keys
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hincrby(k.user_presence(user_id), node_id, 1)
@@ -70,11 +70,11 @@ class RedisPresenceDirectory:
     async def unregister(self, user_id: str, node_id: str) -> None:
         """Removes one connection. The member set keeps the user id: an extra id costs the reaper one
         no-op HDEL, while a missing one would leave a stale entry, and SREM would race a reconnect."""
-        async with self._guard("presence_unregister"):
+        with self._guard("presence_unregister"):
             await self._remove(keys=[self._keys.user_presence(user_id)], args=[node_id])
 
     async def lookup_many(self, user_ids: Sequence[str]) -> list[dict[str, int]]:
-        async with self._guard("presence_lookup"):
+        with self._guard("presence_lookup"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for user_id in user_ids:
                     pipe.hgetall(self._keys.user_presence(user_id))
@@ -83,7 +83,7 @@ class RedisPresenceDirectory:
 
     async def restore(self, node_id: str, counts: Mapping[str, int]) -> None:
         """Re-registers every connection a node holds (after Redis lost them or the node was reaped)."""
-        async with self._guard("presence_restore"):
+        with self._guard("presence_restore"):
             k = self._keys
             items = list(counts.items())
             for start in range(0, len(items), REAP_BATCH):
@@ -96,7 +96,7 @@ class RedisPresenceDirectory:
     async def reap(self, node_id: str, *, keep_stream: bool = False) -> int:
         """Removes every presence entry of a dead, restarting or draining node and its node keys; returns
         how many users were touched. A draining node keeps its stream until its reader has stopped."""
-        async with self._guard("presence_reap"):
+        with self._guard("presence_reap"):
             k = self._keys
             members = k.node_members(node_id)
             touched = 0

@@ -14,8 +14,8 @@ redis-py 8 changed defaults (5 s socket timeout, RESP3, built-in retries). We pi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from importlib.resources import files
 from typing import Any, TypeAlias
 
@@ -127,8 +127,8 @@ def unavailable(error: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"redis unavailable: {type(error).__name__}: {error}")
 
 
-@asynccontextmanager
-async def store_errors() -> AsyncIterator[None]:
+@contextmanager
+def store_errors() -> Iterator[None]:
     """Turns the Redis errors that mean "not reachable right now" into :class:`StoreUnavailable`."""
     try:
         yield
@@ -136,10 +136,13 @@ async def store_errors() -> AsyncIterator[None]:
         raise unavailable(e) from e
 
 
-OpGuard: TypeAlias = Callable[[str], AbstractAsyncContextManager[None]]
-"""Wraps one named Redis operation: translates unavailability errors (and, in services, times it)."""
+OpGuard: TypeAlias = Callable[[str], AbstractContextManager[None]]
+"""Wraps one named Redis operation: translates unavailability errors (and, in services, times it).
+
+A plain context manager around the awaited call (``with guard(op): await ...``): its enter and exit
+are synchronous work, and an async one would cost two coroutines per Redis call on the send path."""
 
 
-def untimed(op: str) -> AbstractAsyncContextManager[None]:
+def untimed(op: str) -> AbstractContextManager[None]:
     """The :data:`OpGuard` used when no metrics are wanted (tools, tests)."""
     return store_errors()

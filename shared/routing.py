@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from shared.delivery import Delivery, Outgoing
 from shared.envelope import Envelope, Recipient
@@ -30,8 +30,7 @@ ROUTED: Final = "routed"
 STORED: Final = "stored"
 
 
-@dataclass(frozen=True, slots=True)
-class SendResult:
+class SendResult(NamedTuple):
     """Per-receiver outcome of a send."""
 
     to: str

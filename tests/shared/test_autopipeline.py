@@ -122,9 +122,8 @@ async def test_a_lost_connection_fails_fast_and_the_next_command_reconnects(own_
         assert await asyncio.wait_for(attempt, timeout=5)
         gc.collect()
         assert unhandled == [], "a lost connection is reported once, to its caller"
-        with pytest.raises(StoreUnavailable):  # refused at connect while Redis is down: no hang
-            async with store_errors():
-                await fast.execute("GET", "k")
+        with pytest.raises(StoreUnavailable), store_errors():  # refused at connect while Redis is down: no hang
+            await fast.execute("GET", "k")
         own_redis.start()  # same port, empty dataset
 
         async def works() -> bool:
@@ -194,9 +193,8 @@ async def test_password_and_database_from_the_url() -> None:
             await fast.aclose()
         wrong = AutoPipeline(f"redis://:nope@127.0.0.1:{server.port}/0", timeout_s=2.0, connect_timeout_s=1.0)
         try:
-            with pytest.raises(StoreUnavailable, match=r"WRONGPASS|invalid password"):
-                async with store_errors():
-                    await wrong.execute("PING")
+            with pytest.raises(StoreUnavailable, match=r"WRONGPASS|invalid password"), store_errors():
+                await wrong.execute("PING")
         finally:
             await wrong.aclose()
     finally:
