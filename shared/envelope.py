@@ -7,13 +7,16 @@ and travel next to it as :class:`Recipient` items.
 
 Short msgpack keys keep Redis traffic small: ``v`` version, ``i`` msg id, ``f`` from, ``c`` channel,
 ``p`` payload, ``t`` accept time (unix seconds, float).
+
+These records, like the other small ones on the send and delivery paths, are NamedTuples: as immutable
+as a frozen dataclass at half its construction cost (a frozen dataclass sets each field through
+``object.__setattr__``), and each service builds several per message.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 import msgpack
@@ -33,8 +36,7 @@ def new_msg_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """What was sent: stamped sender, channel, JSON-compatible payload and the accept timestamp."""
 
     msg_id: str
@@ -66,19 +68,14 @@ class Envelope:
 
 
 class Recipient(NamedTuple):
-    """One receiver of an envelope: the user and the ``seq`` Redis assigned in that user's ``epoch``.
-
-    The hot path's small records are NamedTuples: as immutable as a frozen dataclass, at half its
-    construction cost (a frozen dataclass sets each field through ``object.__setattr__``), and one
-    is built per receiver per message on both services."""
+    """One receiver of an envelope: the user and the ``seq`` Redis assigned in that user's ``epoch``."""
 
     user_id: str
     seq: int
     epoch: str
 
 
-@dataclass(frozen=True, slots=True)
-class StreamEntry:
+class StreamEntry(NamedTuple):
     """One node-stream entry: an envelope for one or more receivers on that node, or a control command.
 
     A send to many receivers held by the same node is a single entry (one XADD per node, not per user).
