@@ -22,9 +22,13 @@ everything runs on one machine, so the clocks agree). Warm-up messages carry neg
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import math
+import os
+import struct
 import sys
 import time
 import urllib.parse
@@ -33,13 +37,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
-import aiohttp
 import msgpack
-from aiohttp import WSMsgType
 
 from shared.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK
 
 CHANNEL: Final = "bench"
+WS_GUID: Final = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+"""RFC 6455's constant for Sec-WebSocket-Accept."""
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 REQUEST_TIMEOUT_S: Final = 15.0
 CONNECT_TIMEOUT_S: Final = 30.0
 CONNECT_ATTEMPTS: Final = 3
@@ -89,8 +94,136 @@ class ReceiverState:
     last_receipt: float = 0.0
 
 
+class WsError(Exception):
+    """The gateway refused the upgrade or broke the WebSocket protocol."""
+
+
+class WsConnection(asyncio.Protocol):
+    """One receiver's WebSocket client: just enough of RFC 6455 for the bench (a client handshake;
+    unmasked text, binary and continuation frames in; masked acks, pongs and closes out).
+
+    Frames are handled in ``data_received``: no reader task, queue or wake-up per message, so the
+    receivers cost the machine as little as they can (their CPU competes with the servers measured).
+    """
+
+    def __init__(self, on_message: Callable[[WsConnection, bytes], None]) -> None:
+        self._on_message = on_message
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._key = base64.b64encode(os.urandom(16)).decode()
+        self._upgraded = False
+        self._fragments: list[bytes] = []
+        self.welcome: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast("asyncio.Transport", transport)
+
+    def handshake(self, host: str, port: int, path: str, subprotocol: str, token: str) -> None:
+        assert self._transport is not None, "connect first"
+        self._transport.write(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {self._key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"Sec-WebSocket-Protocol: {subprotocol}\r\nAuthorization: Bearer {token}\r\n\r\n"
+            ).encode()
+        )
+
+    def send(self, data: bytes, opcode: int) -> None:
+        """One masked frame (a client must mask), if the connection is still open."""
+        if self._transport is None or self._transport.is_closing():
+            return
+        mask = os.urandom(4)
+        length = len(data)
+        if length < 126:
+            head = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+        elif length < 65536:
+            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+        self._transport.write(head + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(data)))
+
+    def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self.send(struct.pack("!H", 1000), OP_CLOSE)
+            self._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            if not self._upgraded and not self._read_upgrade():
+                return
+            self._read_frames()
+        except WsError as e:
+            self._fail(e)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._fail(WsError(f"connection lost: {exc}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _fail(self, error: WsError) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(error)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _read_upgrade(self) -> bool:
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
+        del self._buffer[: end + 4]
+        if head[0].split(" ", 2)[1:2] != ["101"]:
+            raise WsError(f"upgrade refused: {head[0]!r}")
+        accept = base64.b64encode(hashlib.sha1((self._key + WS_GUID).encode()).digest()).decode()
+        headers = {name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in head[1:])}
+        if headers.get("sec-websocket-accept") != accept:
+            raise WsError("wrong Sec-WebSocket-Accept")
+        self._upgraded = True
+        return True
+
+    def _read_frames(self) -> None:
+        buffer = self._buffer
+        while len(buffer) >= 2:
+            first, second = buffer[0], buffer[1]
+            if second & 0x80:
+                raise WsError("a server frame must not be masked")
+            length, start = second & 0x7F, 2
+            if length == 126:
+                if len(buffer) < 4:
+                    return
+                length, start = int.from_bytes(buffer[2:4], "big"), 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    return
+                length, start = int.from_bytes(buffer[2:10], "big"), 10
+            if len(buffer) < start + length:
+                return
+            payload = bytes(buffer[start : start + length])
+            del buffer[: start + length]
+            self._frame(first & 0x0F, bool(first & 0x80), payload)
+
+    def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
+        if opcode in (OP_TEXT, OP_BINARY, OP_CONTINUATION):
+            self._fragments.append(payload)
+            if not fin:
+                return
+            message = b"".join(self._fragments) if len(self._fragments) > 1 else payload
+            self._fragments.clear()
+            if not self.welcome.done():
+                self.welcome.set_result(message)
+            else:
+                self._on_message(self, message)
+        elif opcode == OP_PING:
+            self.send(payload, OP_PONG)
+        elif opcode == OP_CLOSE:
+            self.close()
+
+
 class Receivers:
-    """Many WebSocket clients in one event loop: one task per connection reading frames."""
+    """Many WebSocket clients in one event loop, each handling its frames as they arrive."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.users: list[tuple[int, str, str]] = [(int(u[0]), str(u[1]), str(u[2])) for u in config["users"]]
@@ -99,38 +232,34 @@ class Receivers:
         self.ack_every = int(config.get("ack_every", 0))
         self.progress_s = float(config.get("progress_s", 0.25))
         self.state = ReceiverState()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._sockets: list[aiohttp.ClientWebSocketResponse] = []
+        self._sockets: list[WsConnection] = []
 
     async def run(self, commands: asyncio.StreamReader) -> None:
-        connector = aiohttp.TCPConnector(limit=0, force_close=True)
-        timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            connect_ms, failed = await self._connect_all(session)
-            emit({"event": "connected", "count": len(self._sockets), "failed": failed, "connect_ms": connect_ms})
-            progress = asyncio.create_task(self._progress())
-            try:
-                while True:
-                    command = await read_command(commands)
-                    if command["cmd"] == "report":
-                        s = self.state
-                        emit(
-                            {
-                                "event": "report",
-                                "receipts": s.receipts,
-                                "warmup": s.warmup,
-                                "unexpected": s.unexpected,
-                                "closed": s.closed,
-                                "last_receipt": s.last_receipt,
-                            }
-                        )
-                    elif command["cmd"] == "quit":
-                        break
-            finally:
-                progress.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await progress
-                await self._close_all()
+        connect_ms, failed = await self._connect_all()
+        emit({"event": "connected", "count": len(self._sockets), "failed": failed, "connect_ms": connect_ms})
+        progress = asyncio.create_task(self._progress())
+        try:
+            while True:
+                command = await read_command(commands)
+                if command["cmd"] == "report":
+                    s = self.state
+                    emit(
+                        {
+                            "event": "report",
+                            "receipts": s.receipts,
+                            "warmup": s.warmup,
+                            "unexpected": s.unexpected,
+                            "closed": s.closed,
+                            "last_receipt": s.last_receipt,
+                        }
+                    )
+                elif command["cmd"] == "quit":
+                    break
+        finally:
+            progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await progress
+            await self._close_all()
 
     async def _progress(self) -> None:
         while True:
@@ -138,7 +267,7 @@ class Receivers:
             s = self.state
             emit({"event": "progress", "received": len(s.receipts), "warmup": s.warmup, "closed": s.closed})
 
-    async def _connect_all(self, session: aiohttp.ClientSession) -> tuple[list[float], int]:
+    async def _connect_all(self) -> tuple[list[float], int]:
         gate = asyncio.Semaphore(self.concurrency)
         times: list[float] = []
         failures = 0
@@ -149,80 +278,92 @@ class Receivers:
                 for attempt in range(CONNECT_ATTEMPTS):
                     started = time.monotonic()
                     try:
-                        ws = await session.ws_connect(
-                            url,
-                            headers={"Authorization": f"Bearer {token}"},
-                            protocols=(self.subprotocol,),
-                            heartbeat=None,
-                            autoping=True,
-                            max_msg_size=0,
-                        )
-                        welcome = await asyncio.wait_for(ws.receive(), timeout=CONNECT_TIMEOUT_S)
-                    except (aiohttp.ClientError, TimeoutError, OSError):
+                        ws = await self._connect(index, url, token)
+                    except (WsError, TimeoutError, OSError):
                         if attempt == CONNECT_ATTEMPTS - 1:
                             failures += 1
                             return
                         await asyncio.sleep(0.2 * (attempt + 1))
                         continue
-                    frame = self._decode(welcome.data) if welcome.type in (WSMsgType.TEXT, WSMsgType.BINARY) else None
-                    if frame is None or frame.get("type") != "welcome":
+                    if ws is None:
                         failures += 1
-                        await ws.close()
                         return
                     times.append(round((time.monotonic() - started) * 1000, 3))
                     self._sockets.append(ws)
-                    self._tasks.append(asyncio.create_task(self._read(index, ws)))
                     return
 
         await asyncio.gather(*(one(i, url, token) for i, url, token in self.users))
         return times, failures
 
-    def _decode(self, data: str | bytes) -> dict[str, Any] | None:
+    async def _connect(self, user: int, url: str, token: str) -> WsConnection | None:
+        """A connection that got its welcome frame; None when the first frame was something else."""
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        ws = WsConnection(self._handler(user))  # one handler per connection: it counts that one's acks
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await loop.create_connection(lambda: ws, host, port)
+            ws.handshake(host, port, parts.path or "/", self.subprotocol, token)
+            welcome = await ws.welcome
+        frame = self._decode(welcome)
+        if frame is None or frame.get("type") != "welcome":
+            ws.close()
+            return None
+        ws.closed.add_done_callback(self._count_closed)
+        return ws
+
+    def _count_closed(self, _closed: asyncio.Future[None]) -> None:
+        self.state.closed += 1
+
+    def _decode(self, data: bytes) -> dict[str, Any] | None:
         try:
-            frame = msgpack.unpackb(data, raw=False) if isinstance(data, bytes) else json.loads(data)
+            frame = msgpack.unpackb(data, raw=False) if self.subprotocol == SUBPROTOCOL_MSGPACK else json.loads(data)
         except (ValueError, msgpack.UnpackException):
             return None
         return frame if isinstance(frame, dict) else None
 
-    async def _read(self, user: int, ws: aiohttp.ClientWebSocketResponse) -> None:
+    def _handler(self, user: int) -> Callable[[WsConnection, bytes], None]:
+        """What one connection does with each message frame: record its receipt, ack when asked."""
         state = self.state
         receipts = state.receipts
-        since_ack = 0
         binary = self.subprotocol == SUBPROTOCOL_MSGPACK
-        try:
-            async for msg in ws:
-                now = time.time()
-                data = msg.data
-                try:
-                    frame = msgpack.unpackb(data, raw=False) if binary else json.loads(data)
-                    payload = frame["payload"]
-                    msg_id = int(payload["i"])
-                    sent_at = float(payload["t"])
-                    seq = int(frame["seq"])
-                except (ValueError, KeyError, TypeError, msgpack.UnpackException):
-                    state.unexpected += 1
-                    continue
-                if msg_id < 0:
-                    state.warmup += 1
-                else:
-                    receipts.append((msg_id, user, seq, round((now - sent_at) * 1000, 3)))
-                    state.last_receipt = now
-                if self.ack_every:
-                    since_ack += 1
-                    if since_ack >= self.ack_every:
-                        since_ack = 0
-                        ack = {"type": "ack", "seq": seq}
-                        await (ws.send_bytes(msgpack.packb(ack)) if binary else ws.send_str(json.dumps(ack)))
-        except (aiohttp.ClientError, ConnectionError):
-            pass
-        finally:
-            state.closed += 1
+        ack_every = self.ack_every
+        since_ack = 0
+
+        def on_message(ws: WsConnection, data: bytes) -> None:
+            nonlocal since_ack
+            now = time.time()
+            try:
+                frame = msgpack.unpackb(data, raw=False) if binary else json.loads(data)
+                payload = frame["payload"]
+                msg_id = int(payload["i"])
+                sent_at = float(payload["t"])
+                seq = int(frame["seq"])
+            except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+                state.unexpected += 1
+                return
+            if msg_id < 0:
+                state.warmup += 1
+            else:
+                receipts.append((msg_id, user, seq, round((now - sent_at) * 1000, 3)))
+                state.last_receipt = now
+            if ack_every:
+                since_ack += 1
+                if since_ack >= ack_every:
+                    since_ack = 0
+                    ack = {"type": "ack", "seq": seq}
+                    if binary:
+                        ws.send(msgpack.packb(ack), OP_BINARY)
+                    else:
+                        ws.send(json.dumps(ack).encode(), OP_TEXT)
+
+        return on_message
 
     async def _close_all(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(ws.close() for ws in self._sockets), return_exceptions=True)
+        for ws in self._sockets:
+            ws.close()
+        if self._sockets:
+            await asyncio.wait([ws.closed for ws in self._sockets], timeout=CONNECT_TIMEOUT_S)
 
 
 # -- senders -------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ are checked on made-up data first."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from beeline.bench import IDLE_FIELDS, RUN_FIELDS, format_table, parse_args, plan_requests
-from beeline.bench_client import HttpConnection, message_json, request_body
+from beeline.bench_client import WS_GUID, HttpConnection, WsConnection, message_json, request_body
 from beeline.bench_stats import (
     INFO_COMMAND,
     Receipt,
@@ -291,3 +293,60 @@ def test_the_sender_reports_a_lost_or_garbled_answer_as_an_error() -> None:
     connection.connection_lost(None)
     loop.close()
     assert seen == [(None, "HttpError"), (None, "ConnectionResetError")]
+
+
+def _server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    length = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if length < 126:
+        return head + bytes([length]) + payload
+    return head + bytes([126]) + length.to_bytes(2, "big") + payload
+
+
+def _unmask(frame: bytes) -> tuple[int, bytes]:
+    """(opcode, payload) of one masked client frame."""
+    assert frame[1] & 0x80, "a client frame must be masked"
+    length, start = frame[1] & 0x7F, 2
+    mask = frame[start : start + 4]
+    return frame[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(frame[start + 4 : start + 4 + length]))
+
+
+def test_the_receivers_websocket_client_reads_frames_split_anywhere() -> None:
+    """The load generator's WebSocket client checks the upgrade's accept key, reads the welcome and
+    then every message (text, continued, 16-bit length) however the bytes arrive, answers a ping with
+    a masked pong and a close with a close."""
+
+    async def scenario() -> None:
+        for split in (1, 2, 3, 7, 50, 10_000):
+            got: list[bytes] = []
+            ws = WsConnection(lambda _ws, data, got=got: got.append(data))
+            transport = _Transport()
+            ws.connection_made(transport)  # type: ignore[arg-type]
+            ws.handshake("127.0.0.1", 1, "/ws", "beeline.v1.json", "token")
+            key = transport.written[0].split(b"Sec-WebSocket-Key: ")[1].split(b"\r\n")[0]
+            accept = base64.b64encode(hashlib.sha1(key + WS_GUID.encode()).digest())
+            big = b'{"type":"message","p":"' + b"x" * 300 + b'"}'
+            stream = (
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                + b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+                + _server_frame(0x1, b'{"type":"welcome"}')
+                + _server_frame(0x1, b'{"a":', fin=False) + _server_frame(0x0, b"1}")
+                + _server_frame(0x9, b"hi")
+                + _server_frame(0x1, big)
+                + _server_frame(0x8, (1000).to_bytes(2, "big"))
+            )  # fmt: skip
+            for i in range(0, len(stream), split):
+                ws.data_received(stream[i : i + split])
+            assert ws.welcome.result() == b'{"type":"welcome"}'
+            assert got == [b'{"a":1}', big]
+            frames = [_unmask(frame) for frame in transport.written[1:]]
+            assert frames == [(0xA, b"hi"), (0x8, (1000).to_bytes(2, "big"))] and transport.closed
+
+        ws = WsConnection(lambda _ws, data: None)
+        ws.connection_made(_Transport())  # type: ignore[arg-type]
+        ws.handshake("127.0.0.1", 1, "/ws", "beeline.v1.json", "token")
+        ws.data_received(b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: wrong\r\n\r\n")
+        with pytest.raises(Exception, match="Sec-WebSocket-Accept"):
+            ws.welcome.result()
+
+    asyncio.run(scenario())
