@@ -24,8 +24,9 @@ from http import HTTPStatus
 from typing import Any, Final, cast
 
 from router.app import Router, authenticate, error_reply, parse_json_object
-from router.handlers import parse_message, send_one
+from router.handlers import message_result, parse_message
 from shared.protocol import dumps_json
+from shared.routing import Message
 
 ROUTE: Final = "/v1/messages"
 REQUEST_LINE: Final = b"POST /v1/messages HTTP/1.1"
@@ -95,6 +96,10 @@ class FastPathFront:
         self._date = (0, b"")
         self._sweeper: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Validated sends of this loop turn, from any connection, and the task that sends them as one
+        # pass once the turn ends (see submit).
+        self._pending: list[tuple[FastPathProtocol, Message, bytes, float]] = []
+        self._batch: asyncio.Task[None] | None = None
 
     def __call__(self) -> FastPathProtocol:
         if self.loop is None:
@@ -108,6 +113,35 @@ class FastPathFront:
         if self._date[0] != now:
             self._date = (now, formatdate(now, usegmt=True).encode())
         return self._date[1]
+
+    def submit(self, protocol: FastPathProtocol, message: Message, packed: bytes, start: float) -> asyncio.Task[None]:
+        """Queues a validated send for this turn's pass; returns the task that will answer it.
+
+        Requests that complete in the same loop turn, on any connection, are sent together: one
+        mailbox pass (each message still its own script call, pushed from its own append), one task,
+        one metrics update. Each keeps its own answer, and a failure of the store fails each alike.
+        """
+        if self._batch is None:
+            assert self.loop is not None
+            self._batch = self.loop.create_task(self._send_batch())  # runs once this turn's data is read
+        self._pending.append((protocol, message, packed, start))
+        return self._batch
+
+    async def _send_batch(self) -> None:
+        pending, self._pending, self._batch = self._pending, [], None
+        router = self.router
+        try:
+            results = await router.sender.send(
+                [m for _, m, _, _ in pending], packed=[p for _, _, p, _ in pending], separate=True
+            )
+        except Exception as e:  # every failure gets the app's JSON answer; unexpected ones are logged
+            reply = error_reply(router, e, ROUTE)
+            payload = dumps_json(reply.as_json())
+            for protocol, _message, _packed, start in pending:
+                protocol.answered(reply.status, payload, reply.headers, start)
+            return
+        for (protocol, message, _packed, start), per_message in zip(pending, results, strict=True):
+            protocol.answered(202, dumps_json(message_result(message, per_message)), {}, start)
 
     def _sweep(self) -> None:
         deadline = time.monotonic() - KEEPALIVE_S
@@ -211,13 +245,35 @@ class FastPathProtocol(asyncio.Protocol):
             transport.resume_reading()
 
     def _next(self) -> None:
-        """Starts answering the next complete request in the buffer, or hands the connection over."""
+        """Takes the complete requests in the buffer in order: each plain send is validated at once (a
+        bad one is answered at once) and a valid one is submitted to the front's pass for this turn,
+        which answers it later; other requests hand the connection over."""
+        while self.answering is None and (request := self._take_request()) is not None:
+            authorization, body = request
+            router = self._front.router
+            start = time.perf_counter()
+            try:
+                scope = authenticate(router, authorization.decode("latin-1") if authorization is not None else None)
+                message = parse_message(router, parse_json_object(body), scope, None)
+                packed = router.sender.pack(message.envelope)
+            except Exception as e:  # the app's JSON answer; unexpected errors are logged
+                reply = error_reply(router, e, ROUTE)
+                self._write_answer(reply.status, dumps_json(reply.as_json()), reply.headers, start)
+                if self._front.closing:
+                    self.close()
+                    return
+                continue
+            self.answering = self._front.submit(self, message, packed, start)
+
+    def _take_request(self) -> tuple[bytes | None, bytes] | None:
+        """``(authorization, body)`` of the next complete plain send, or None: incomplete, not to be
+        read now (writing paused, closing), or not a plain send (then handed over)."""
         transport = self._transport
         if transport is None or transport.is_closing() or self._writing_paused or self._front.closing:
-            return
+            return None
         buffer = self._buffer
         if not buffer:
-            return
+            return None
         if self._head is None:
             end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
             if end < 0:
@@ -227,41 +283,26 @@ class FastPathProtocol(asyncio.Protocol):
                     or _BARE_LF.search(buffer, 0, MAX_HEAD_BYTES) is not None
                 ):
                     self._hand_over()  # not a plain send's head, or not one we would parse as aiohttp does
-                return
+                return None
             head = bytes(buffer[:end])
             # Every LF ends a CRLF: two counts in C, cheaper per request than the regex search.
             plain = _plain_send(head) if head.count(b"\n") == head.count(b"\r\n") else None
             if plain is None:
                 self._hand_over()
-                return
+                return None
             self._head = (end + 4, *plain)  # parsed once, however slowly the body arrives
         start, length, authorization = self._head
         if len(buffer) < start + length:
-            return  # the rest of the body is on its way
+            return None  # the rest of the body is on its way
         body = bytes(buffer[start : start + length])
         del buffer[: start + length]
         self._head = None
-        self.answering = self._loop.create_task(self._answer(authorization, body))
+        return authorization, body
 
-    async def _answer(self, authorization: bytes | None, body: bytes) -> None:
-        router = self._front.router
-        start = time.perf_counter()
-        status, payload = 202, b""
-        headers: Mapping[str, str] = {}
-        try:
-            scope = authenticate(router, authorization.decode("latin-1") if authorization is not None else None)
-            message = parse_message(router, parse_json_object(body), scope, None)
-            payload = dumps_json(await send_one(router, message))
-        except Exception as e:  # every failure gets the app's JSON answer; unexpected ones are logged
-            reply = error_reply(router, e, ROUTE)
-            status, headers = reply.status, reply.headers
-            payload = dumps_json(reply.as_json())
-        router.metrics.observe_http(ROUTE, status, time.perf_counter() - start)
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.write(self._response(status, payload, headers))
+    def answered(self, status: int, payload: bytes, headers: Mapping[str, str], start: float) -> None:
+        """The front's pass answered the send in progress: write it, then go on with the next one."""
+        self._write_answer(status, payload, headers, start)
         self.answering = None
-        self._last_active = time.monotonic()
         if self._front.closing:
             self.close()  # shutting down: this was the last request of this connection
             return
@@ -270,6 +311,13 @@ class FastPathProtocol(asyncio.Protocol):
             self._transport.close()  # after the last answer to a half-closed client
             return
         self._regulate_reading()
+
+    def _write_answer(self, status: int, payload: bytes, headers: Mapping[str, str], start: float) -> None:
+        self._front.router.metrics.observe_http(ROUTE, status, time.perf_counter() - start)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(self._response(status, payload, headers))
+        self._last_active = time.monotonic()
 
     def _response(self, status: int, payload: bytes, headers: Mapping[str, str]) -> bytes:
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("latin-1") if headers else b""

@@ -44,10 +44,10 @@ def parse_message(router: Router, body: dict[str, Any], scope: str, key: str | N
 async def send_one(router: Router, message: Message) -> dict[str, Any]:
     """Sends one message; the 202 body ``{id, results}``."""
     [results] = await router.sender.send([message])
-    return _message_result(message, results)
+    return message_result(message, results)
 
 
-def _message_result(message: Message, results: list[SendResult]) -> dict[str, Any]:
+def message_result(message: Message, results: list[SendResult]) -> dict[str, Any]:
     return {"id": message.envelope.msg_id, "results": [r.as_json() for r in results]}
 
 
@@ -101,7 +101,7 @@ async def send_batch(request: web.Request) -> web.Response:
         results = await router.sender.send(messages)
         out = []
         for message, per_message in zip(messages, results, strict=True):
-            item = _message_result(message, per_message)
+            item = message_result(message, per_message)
             if len(per_message) == 1:  # a single receiver: its fields inline, like a one-to-one send
                 item.update(per_message[0].as_json())
             out.append(item)

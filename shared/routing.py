@@ -120,24 +120,31 @@ class Sender:
             )
         return packed
 
-    async def send(self, messages: Sequence[Message]) -> list[list[SendResult]]:
+    async def send(
+        self, messages: Sequence[Message], *, packed: Sequence[bytes] | None = None, separate: bool = False
+    ) -> list[list[SendResult]]:
         """Sends many messages in one pipelined pass; results per message, per receiver, in order.
+
+        ``packed``: the envelopes, already packed (and so validated) one by one with :meth:`pack`.
+        ``separate``: the messages are independent sends that the caller gathered into one pass (the
+        router's front, from concurrent requests), not one batch request.
 
         Raises :class:`~shared.errors.StoreUnavailable` when the mailbox append fails (nothing was
         stored). A failed push after the append is not an error: the message is safe in the mailbox and
         reaches the receiver by gap fill or on reconnect, so its status reports ``stored``.
         """
-        packed = [self.pack(m.envelope) for m in messages]
+        if packed is None:
+            packed = [self.pack(m.envelope) for m in messages]
         # A lone one-receiver message is pushed by its append to the receiver's live nodes: one round
         # trip instead of two. A many-receiver message keeps one entry per node for all its receivers
         # there, and a batch keeps its pushes in one burst after the appends, which each gateway then
         # reads at once (pushed from the appends, they would trickle in between the scripts and wake the
         # gateways for a few entries each: measured 2.5x the reads).
-        push = self._push_in_append and len(messages) == 1 and len(messages[0].to) == 1
+        lone = self._push_in_append and (separate or len(messages) == 1)
         try:
             appended = await self._mailbox.append_each(
                 [
-                    Append(p, u, m.envelope.msg_id if m.idempotent else None, push, self._local_node)
+                    Append(p, u, m.envelope.msg_id if m.idempotent else None, lone and len(m.to) == 1, self._local_node)
                     for p, m in zip(packed, messages, strict=True)
                     for u in m.to
                 ]

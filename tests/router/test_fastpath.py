@@ -300,6 +300,35 @@ async def test_pipelined_requests_are_answered_in_order(cluster: Cluster, connec
     assert last.fast and [(r["to"], r["seq"]) for r in last.json()["results"]] == [("alice", 10), ("r9", 1)], last
 
 
+async def test_sends_arriving_together_on_many_connections_each_get_their_own_answer(
+    cluster: Cluster, connect: Connect
+) -> None:
+    """The front sends what arrives in one loop turn, from every connection, as one pass: each request
+    still gets its own answer, in its connection's order, a bad one among them its own 400 at once,
+    a many-receiver one its results, and every user's seqs are gapless and unique."""
+    router = cluster.router()
+    connections = [await connect(router) for _ in range(24)]
+    users = ["alice", "bob", "carol"]
+    for i, connection in enumerate(connections):
+        bad = http("POST", "/v1/messages", AUTH, body=b'{"to": ')
+        connection.writer.write(send(users[i % 3], i) + bad + send(["dave", users[i % 3]], i))
+    seqs: dict[str, list[int]] = {user: [] for user in [*users, "dave"]}
+    ids = set()
+    for i, connection in enumerate(connections):
+        first, bad_answer, multi = [await connection.answer() for _ in range(3)]
+        assert first.fast and first.status == 202, first
+        assert [r["to"] for r in first.json()["results"]] == [users[i % 3]]
+        assert (bad_answer.status, bad_answer.code) == (400, "bad_json"), bad_answer
+        assert [r["to"] for r in multi.json()["results"]] == ["dave", users[i % 3]], multi
+        for answer in (first, multi):
+            ids.add(answer.json()["id"])
+            for result in answer.json()["results"]:
+                seqs[result["to"]].append(result["seq"])
+    assert len(ids) == 48
+    for user, got in seqs.items():
+        assert sorted(got) == list(range(1, len(got) + 1)), (user, got)
+
+
 # -- hand-over to aiohttp ------------------------------------------------------------------------------
 
 
