@@ -54,7 +54,7 @@ REFERENCE_BYTES_OUT: Final = MappingProxyType(
 )
 SUSTAIN_RATES: Final = MappingProxyType(
     {
-        "single": (500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000, 10000),
+        "single": (500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 8000, 10000, 11000, 12000, 14000),
         "batch": (4000, 6000, 8000, 10000, 12000, 14000, 16000, 18000, 20000, 25000),
         "multi": (5000, 10000, 12500, 15000, 17500, 20000, 25000, 30000),
     }
@@ -150,6 +150,8 @@ def step_sustain(common: list[str], batch_messages: int, results: Path) -> None:
             if form != "single":  # 50,000 messages: a window of a few seconds even at the higher rates
                 extra += ["--batch", "50", "--concurrency", "16", "--messages", str(batch_messages)]
             for rate in SUSTAIN_RATES[form]:
+                if form == "single":  # at least a 5 s window at each rate (the last --messages wins)
+                    extra = ["--form", form, "--messages", str(max(10_000, 5 * rate))]
                 passed = False
                 for attempt in (1, 2):
                     tmp = results / f"sustain-{form}-{mode}-{rate}-{attempt}.json"

@@ -123,7 +123,11 @@ class AutoPipeline:
         self._closed = False
 
     async def execute(self, *args: bytes | str | int | float) -> Any:
-        [reply] = await self.execute_many([args])
+        """One command (a gateway's stream read is one per wake-up: no list of futures for it)."""
+        [future] = self._send(self._open_protocol() or await self._connect(), [args])
+        reply = await future
+        if isinstance(reply, hiredis.ReplyError):
+            raise _error(reply)
         return reply
 
     async def execute_many(self, commands: Sequence[Command]) -> list[Any]:
@@ -131,10 +135,7 @@ class AutoPipeline:
 
         Every reply is awaited before the first error reply, if any, is raised.
         """
-        protocol = self._protocol
-        if protocol is None or protocol.closed:
-            protocol = await self._connect()
-        futures = self._send(protocol, commands)  # not through _enqueue: one coroutine fewer per call
+        futures = self._send(self._open_protocol() or await self._connect(), commands)
         replies = [await f for f in futures]
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
@@ -149,10 +150,7 @@ class AutoPipeline:
     ) -> list[Any]:
         """Runs one script once per ``(keys, args)`` call; replies in order."""
         commands: list[Command] = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
-        protocol = self._protocol
-        if protocol is None or protocol.closed:
-            protocol = await self._connect()
-        futures = self._send(protocol, commands)  # not through _enqueue: one coroutine fewer per call
+        futures = self._send(self._open_protocol() or await self._connect(), commands)
         replies = [await f for f in futures]
         errors = [i for i, r in enumerate(replies) if isinstance(r, hiredis.ReplyError)]
         if not errors:
@@ -160,7 +158,8 @@ class AutoPipeline:
         missing = [i for i in errors if str(replies[i]).startswith("NOSCRIPT")]
         if missing:
             # EVAL runs the script and caches it under the same sha for the next EVALSHA.
-            retried = await self._enqueue([("EVAL", source, *commands[i][2:]) for i in missing])
+            retry = [("EVAL", source, *commands[i][2:]) for i in missing]
+            retried = self._send(self._open_protocol() or await self._connect(), retry)
             for index, future in zip(missing, retried, strict=True):
                 replies[index] = await future
         for reply in replies:
@@ -175,11 +174,10 @@ class AutoPipeline:
             protocol.abort(redis_exceptions.ConnectionError("client closed"))
 
     # -- internals -----------------------------------------------------------------------------------
-    async def _enqueue(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
+    def _open_protocol(self) -> _RespProtocol | None:
+        """The connection when it is open (checked without a coroutine: this is on every command)."""
         protocol = self._protocol
-        if protocol is None or protocol.closed:
-            protocol = await self._connect()
-        return self._send(protocol, commands)
+        return protocol if protocol is not None and not protocol.closed else None
 
     def _send(self, protocol: _RespProtocol, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
         loop = protocol.loop
