@@ -9,7 +9,7 @@ Steps (each writes bench/results/<step>.json with ``beeline bench --json``):
 matrix   N = 1, 2, 4, 8, routed and broadcast, the reference workload (400 users, 10,000 messages of
          95 bytes, one HTTP request per message) offered at 1,000 msg/s
 matrix500  the same at 500 msg/s, where no configuration is near saturation
-sweep    N = 4, both modes, offered 250, 500, 1,000, 2,000, 4,000 msg/s (latency vs offered rate)
+sweep    N = 4, both modes, offered 250 to 10,000 msg/s (latency vs offered rate)
 max      N = 4, both modes, as fast as 64 requests in flight go (single and batch forms)
 multi    N = 4, both modes, as fast as it goes, one message to 50 receivers per request
 sustain  N = 4, both modes: the highest offered rate whose p99 stays under 50 ms with every message
@@ -292,7 +292,7 @@ def run_step(step: str, ns: argparse.Namespace, common: list[str], results: Path
     elif step == "matrix500":
         bench([*common, "--nodes", "1,2,4,8", "--mode", "both", "--rate", "500"], results / "matrix500.json")
     elif step == "sweep":
-        rates = "250,500,1000,2000,3000,4000"
+        rates = "250,500,1000,2000,4000,6000,8000,10000"
         bench([*common, "--nodes", "4", "--mode", "both", "--rate", rates], results / "sweep.json")
     elif step == "max":
         single = bench([*common, "--nodes", "4", "--mode", "both"], results / "max-single.json")
