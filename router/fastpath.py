@@ -25,8 +25,11 @@ from typing import Any, Final, cast
 
 from router.app import Router, authenticate, error_reply, parse_json_object
 from router.handlers import message_result, parse_message
+from shared.logs import get_logger
 from shared.protocol import dumps_json
 from shared.routing import Message
+
+log = get_logger("beeline.router.front")
 
 ROUTE: Final = "/v1/messages"
 REQUEST_LINE: Final = b"POST /v1/messages HTTP/1.1"
@@ -138,10 +141,22 @@ class FastPathFront:
             reply = error_reply(router, e, ROUTE)
             payload = dumps_json(reply.as_json())
             for protocol, _message, _packed, start in pending:
-                protocol.answered(reply.status, payload, reply.headers, start)
+                self._answer(protocol, reply.status, payload, reply.headers, start)
             return
         for (protocol, message, _packed, start), per_message in zip(pending, results, strict=True):
-            protocol.answered(202, dumps_json(message_result(message, per_message)), {}, start)
+            self._answer(protocol, 202, dumps_json(message_result(message, per_message)), {}, start)
+
+    @staticmethod
+    def _answer(
+        protocol: FastPathProtocol, status: int, payload: bytes, headers: Mapping[str, str], start: float
+    ) -> None:
+        # One connection's failure (a bug in going on with its next request) must not leave the others
+        # of the pass unanswered: it is logged and that connection closed.
+        try:
+            protocol.answered(status, payload, headers, start)
+        except Exception:
+            log.exception("front_answer_failed")
+            protocol.close()
 
     def _sweep(self) -> None:
         deadline = time.monotonic() - KEEPALIVE_S

@@ -26,11 +26,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from router.fastpath import _plain_send
+from router.fastpath import FastPathFront, _plain_send
 from shared.config import RouterConfig, load
+from shared.envelope import Envelope
 from shared.errors import ConfigError
 from shared.keys import Keys
 from shared.redis import RedisClient
+from shared.routing import Message, SendResult
 from tests.observability.support import metrics_text, scrape
 from tests.support import API_KEY, Client, Cluster, Service, eventually
 
@@ -327,6 +329,42 @@ async def test_sends_arriving_together_on_many_connections_each_get_their_own_an
     assert len(ids) == 48
     for user, got in seqs.items():
         assert sorted(got) == list(range(1, len(got) + 1)), (user, got)
+
+
+async def test_one_connection_failing_to_go_on_does_not_leave_the_rest_of_its_pass_unanswered() -> None:
+    """A pass answers its requests one by one; if going on with one connection fails (a bug), that
+    connection is closed and the others of the pass still get their answers."""
+
+    class Sender:
+        async def send(self, messages: list[Message], **_: Any) -> list[list[SendResult]]:
+            return [[SendResult(m.to[0], 1, "e", "stored", ())] for m in messages]
+
+    class Router:
+        sender = Sender()
+
+    class Protocol:
+        def __init__(self, fails: bool) -> None:
+            self.fails = fails
+            self.answers: list[int] = []
+            self.closed = False
+
+        def answered(self, status: int, payload: bytes, headers: Any, start: float) -> None:
+            self.answers.append(status)
+            if self.fails:
+                raise RuntimeError("bug")
+
+        def close(self) -> None:
+            self.closed = True
+
+    front = FastPathFront(Router(), asyncio.Protocol)  # type: ignore[arg-type]
+    front.loop = asyncio.get_running_loop()
+    first, failing, last = Protocol(False), Protocol(True), Protocol(False)
+    envelope = Envelope.create(sender="system", channel="c", payload=1)
+    for protocol in (first, failing, last):
+        task = front.submit(protocol, Message(envelope, ("alice",)), b"", 0.0)  # type: ignore[arg-type]
+    await task
+    assert (first.answers, failing.answers, last.answers) == ([202], [202], [202])
+    assert failing.closed and not first.closed and not last.closed
 
 
 # -- hand-over to aiohttp ------------------------------------------------------------------------------
