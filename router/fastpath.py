@@ -27,7 +27,7 @@ from router.app import Router, authenticate, error_reply, parse_json_object
 from router.handlers import message_result, parse_message
 from shared.logs import get_logger
 from shared.protocol import dumps_json
-from shared.routing import Message
+from shared.routing import Message, SendResult
 
 log = get_logger("beeline.router.front")
 
@@ -39,6 +39,8 @@ MAX_HEADERS: Final = 64
 """A head with more header lines goes to aiohttp (which allows 128, then answers 400)."""
 MAX_BODY_BYTES: Final = 1024 * 1024
 """A larger body goes to aiohttp (it answers up to ``client_max_size``, then 413)."""
+SYNC_ANSWERS_PER_TURN: Final = 32
+"""Bad requests answered in one loop turn for one connection before the rest wait for the next turn."""
 PAUSE_READING_AT: Final = 256 * 1024
 """Bytes buffered ahead of the answer in progress (pipelining) at which the front stops reading..."""
 RESUME_READING_AT: Final = 64 * 1024
@@ -120,40 +122,51 @@ class FastPathFront:
     def submit(self, protocol: FastPathProtocol, message: Message, packed: bytes, start: float) -> asyncio.Task[None]:
         """Queues a validated send for this turn's pass; returns the task that will answer it.
 
-        Requests that complete in the same loop turn, on any connection, are sent together: one
-        mailbox pass (each message still its own script call, pushed from its own append), one task,
-        one metrics update. Each keeps its own answer, and a failure of the store fails each alike.
+        Where the store tells each append's outcome apart (:attr:`Sender.isolates_sends`: one
+        standalone Redis, no durable writes), the requests that complete in the same loop turn, on any
+        connection, are sent together: one task, one round trip carrying each message's own script
+        call, one metrics update, and each request answered from its own outcome. Elsewhere (a Redis
+        Cluster, where one slow shard would hold back and fail the others; durable writes, which
+        acknowledge a whole pipeline at once) each request is a pass of its own.
         """
         if self._batch is None:
             assert self.loop is not None
-            self._batch = self.loop.create_task(self._send_batch())  # runs once this turn's data is read
+            self._pending = []
+            # The task starts once this turn's reads are done, and takes what was submitted by then.
+            self._batch = self.loop.create_task(self._send_batch(self._pending))
         self._pending.append((protocol, message, packed, start))
-        return self._batch
+        batch = self._batch
+        if not self.router.sender.isolates_sends:
+            self._batch = None
+        return batch
 
-    async def _send_batch(self) -> None:
-        pending, self._pending, self._batch = self._pending, [], None
-        router = self.router
+    async def _send_batch(self, pending: list[tuple[FastPathProtocol, Message, bytes, float]]) -> None:
+        if pending is self._pending:
+            self._batch = None  # later requests go into the next pass
+        sender = self.router.sender
+        messages, packed = [m for _, m, _, _ in pending], [p for _, _, p, _ in pending]
+        outcomes: list[list[SendResult] | Exception]
         try:
-            results = await router.sender.send(
-                [m for _, m, _, _ in pending], packed=[p for _, _, p, _ in pending], separate=True
-            )
-        except Exception as e:  # every failure gets the app's JSON answer; unexpected ones are logged
-            reply = error_reply(router, e, ROUTE)
-            payload = dumps_json(reply.as_json())
-            for protocol, _message, _packed, start in pending:
-                self._answer(protocol, reply.status, payload, reply.headers, start)
-            return
-        for (protocol, message, _packed, start), per_message in zip(pending, results, strict=True):
-            self._answer(protocol, 202, dumps_json(message_result(message, per_message)), {}, start)
+            if sender.isolates_sends:
+                outcomes = await sender.send_separately(messages, packed)
+            else:
+                outcomes = list(await sender.send(messages, packed=packed))
+        except Exception as e:  # the store failed them all (StoreUnavailable), or a bug
+            outcomes = [e] * len(pending)
+        for (protocol, message, _packed, start), outcome in zip(pending, outcomes, strict=True):
+            self._answer(protocol, message, outcome, start)
 
-    @staticmethod
     def _answer(
-        protocol: FastPathProtocol, status: int, payload: bytes, headers: Mapping[str, str], start: float
+        self, protocol: FastPathProtocol, message: Message, outcome: list[SendResult] | Exception, start: float
     ) -> None:
-        # One connection's failure (a bug in going on with its next request) must not leave the others
-        # of the pass unanswered: it is logged and that connection closed.
+        # One request's failure, or one connection's (a bug in going on with its next request), must
+        # not leave the others of the pass unanswered: it is logged and that connection closed.
         try:
-            protocol.answered(status, payload, headers, start)
+            if isinstance(outcome, Exception):
+                reply = error_reply(self.router, outcome, ROUTE)  # unexpected errors are logged here
+                protocol.answered(reply.status, dumps_json(reply.as_json()), reply.headers, start)
+            else:
+                protocol.answered(202, dumps_json(message_result(message, outcome)), {}, start)
         except Exception:
             log.exception("front_answer_failed")
             protocol.close()
@@ -263,6 +276,7 @@ class FastPathProtocol(asyncio.Protocol):
         """Takes the complete requests in the buffer in order: each plain send is validated at once (a
         bad one is answered at once) and a valid one is submitted to the front's pass for this turn,
         which answers it later; other requests hand the connection over."""
+        answered_now = 0
         while self.answering is None and (request := self._take_request()) is not None:
             authorization, body = request
             router = self._front.router
@@ -276,6 +290,12 @@ class FastPathProtocol(asyncio.Protocol):
                 self._write_answer(reply.status, dumps_json(reply.as_json()), reply.headers, start)
                 if self._front.closing:
                     self.close()
+                    return
+                answered_now += 1
+                if answered_now == SYNC_ANSWERS_PER_TURN:
+                    # A client pipelining many bad requests gets the rest answered in later loop turns,
+                    # so its flood does not hold the loop for everyone else.
+                    self.answering = self._loop.create_task(self._go_on())
                     return
                 continue
             self.answering = self._front.submit(self, message, packed, start)
@@ -317,6 +337,13 @@ class FastPathProtocol(asyncio.Protocol):
     def answered(self, status: int, payload: bytes, headers: Mapping[str, str], start: float) -> None:
         """The front's pass answered the send in progress: write it, then go on with the next one."""
         self._write_answer(status, payload, headers, start)
+        self._continue()
+
+    async def _go_on(self) -> None:
+        self._continue()
+
+    def _continue(self) -> None:
+        """After an answer: the next request, or the close a shutdown or a half-closed client asked for."""
         self.answering = None
         if self._front.closing:
             self.close()  # shutting down: this was the last request of this connection

@@ -147,8 +147,12 @@ class AutoPipeline:
         sha: str,
         source: bytes | str | memoryview,
         calls: Sequence[tuple[Sequence[bytes | str], Sequence[bytes | str | int]]],
+        *,
+        each: bool = False,
     ) -> list[Any]:
-        """Runs one script once per ``(keys, args)`` call; replies in order."""
+        """Runs one script once per ``(keys, args)`` call; replies in order. An error reply is raised,
+        or with ``each`` returned in its call's place (as the redis-py exception) so that the other
+        calls' replies are not lost with it. A lost or stuck connection fails every call either way."""
         commands: list[Command] = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
         futures = self._send(self._open_protocol() or await self._connect(), commands)
         replies = [await f for f in futures]
@@ -162,6 +166,8 @@ class AutoPipeline:
             retried = self._send(self._open_protocol() or await self._connect(), retry)
             for index, future in zip(missing, retried, strict=True):
                 replies[index] = await future
+        if each:
+            return [_error(r) if isinstance(r, hiredis.ReplyError) else r for r in replies]
         for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
                 raise _error(reply)

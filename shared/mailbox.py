@@ -26,7 +26,7 @@ from shared.autopipeline import AutoPipeline
 from shared.durability import DurableWriter
 from shared.envelope import STREAM_FIELD
 from shared.keys import Keys
-from shared.redis import OpGuard, RedisClient, is_cluster, lua_source, untimed
+from shared.redis import UNAVAILABLE_ERRORS, OpGuard, RedisClient, is_cluster, lua_source, unavailable, untimed
 
 MailboxObserver = Callable[[int, int, int], None]
 """Called with ``(length, trimmed, cap)`` after each append (metrics: fill ratio and trims)."""
@@ -145,6 +145,34 @@ class Mailbox:
             for result in appended:
                 self._observe(result.length, result.trimmed, self._max_len)
         return appended
+
+    @property
+    def isolates_appends(self) -> bool:
+        """Whether :meth:`append_separately` works: one standalone Redis connection without durable
+        writes, where every script call gets a reply of its own."""
+        return self._fast is not None and self._durable is None
+
+    async def append_separately(self, items: Sequence[Append]) -> list[Appended | Exception]:
+        """:meth:`append_each` for independent appends in one round trip: an error reply for one (a
+        user's key of the wrong type, Redis out of memory) is returned in its place, as
+        :class:`~shared.errors.StoreUnavailable` when it means "not available now", and the others
+        stand. A lost or stuck connection raises StoreUnavailable for all, as for one."""
+        fast = self._fast
+        if fast is None or self._durable is not None:
+            raise RuntimeError("append_separately needs isolates_appends")
+        calls = [self._append_call(i) for i in items]
+        with self._guard("mailbox_append"):
+            raws = await fast.evalsha(self._append.sha, self._append.script, calls, each=True)
+        outcomes: list[Appended | Exception] = []
+        for item, raw in zip(items, raws, strict=True):
+            if isinstance(raw, Exception):
+                outcomes.append(unavailable(raw) if isinstance(raw, UNAVAILABLE_ERRORS) else raw)
+                continue
+            result = self._appended(item.user_id, raw)
+            if self._observe is not None:
+                self._observe(result.length, result.trimmed, self._max_len)
+            outcomes.append(result)
+        return outcomes
 
     def _append_call(self, item: Append) -> tuple[list[str], list[Any]]:
         k, user_id = self._keys, item.user_id

@@ -56,6 +56,11 @@ def classify(live_nodes: Sequence[str], local_node: str | None) -> str:
 class MailboxStore(Protocol):
     async def append_each(self, items: Sequence[Append]) -> list[Appended]: ...
 
+    async def append_separately(self, items: Sequence[Append]) -> list[Appended | Exception]: ...
+
+    @property
+    def isolates_appends(self) -> bool: ...
+
 
 class LiveFilter(Protocol):
     async def live_subset(self, presence: Mapping[str, int]) -> dict[str, int]: ...
@@ -120,14 +125,17 @@ class Sender:
             )
         return packed
 
+    @property
+    def isolates_sends(self) -> bool:
+        """Whether :meth:`send_separately` can gather independent sends into one pass."""
+        return self._mailbox.isolates_appends
+
     async def send(
-        self, messages: Sequence[Message], *, packed: Sequence[bytes] | None = None, separate: bool = False
+        self, messages: Sequence[Message], *, packed: Sequence[bytes] | None = None
     ) -> list[list[SendResult]]:
         """Sends many messages in one pipelined pass; results per message, per receiver, in order.
 
         ``packed``: the envelopes, already packed (and so validated) one by one with :meth:`pack`.
-        ``separate``: the messages are independent sends that the caller gathered into one pass (the
-        router's front, from concurrent requests), not one batch request.
 
         Raises :class:`~shared.errors.StoreUnavailable` when the mailbox append fails (nothing was
         stored). A failed push after the append is not an error: the message is safe in the mailbox and
@@ -135,24 +143,66 @@ class Sender:
         """
         if packed is None:
             packed = [self.pack(m.envelope) for m in messages]
+        items = self._appends(messages, packed, lone=len(messages) == 1)
+        try:
+            appended = await self._mailbox.append_each(items)
+        except StoreUnavailable:
+            self._failed(messages)
+            raise
+        return await self._deliver(messages, packed, appended)
+
+    async def send_separately(
+        self, messages: Sequence[Message], packed: Sequence[bytes]
+    ) -> list[list[SendResult] | Exception]:
+        """Independent sends gathered into one pass (the router's front, from concurrent requests):
+        each is appended and pushed as it would be alone, and gets its own outcome, so an error reply
+        for one message's append fails that message only. A lost or stuck Redis connection still
+        raises StoreUnavailable for all. Needs :attr:`isolates_sends`."""
+        try:
+            outcomes = await self._mailbox.append_separately(self._appends(messages, packed, lone=True))
+        except StoreUnavailable:
+            self._failed(messages)
+            raise
+        results: list[list[SendResult] | Exception] = []
+        sent: list[tuple[int, Message, bytes]] = []
+        appended: list[Appended] = []
+        cursor = 0
+        for message, envelope_bytes in zip(messages, packed, strict=True):
+            mine = outcomes[cursor : cursor + len(message.to)]
+            cursor += len(message.to)
+            error = next((o for o in mine if isinstance(o, Exception)), None)
+            if error is None:
+                sent.append((len(results), message, envelope_bytes))
+                appended.extend(o for o in mine if not isinstance(o, Exception))
+            elif isinstance(error, StoreUnavailable):
+                self._failed([message])
+            results.append(error if error is not None else [])
+        delivered = await self._deliver([m for _, m, _ in sent], [p for _, _, p in sent], appended) if sent else []
+        for (index, _message, _packed), per_message in zip(sent, delivered, strict=True):
+            results[index] = per_message
+        return results
+
+    def _appends(self, messages: Sequence[Message], packed: Sequence[bytes], *, lone: bool) -> list[Append]:
         # A lone one-receiver message is pushed by its append to the receiver's live nodes: one round
         # trip instead of two. A many-receiver message keeps one entry per node for all its receivers
         # there, and a batch keeps its pushes in one burst after the appends, which each gateway then
         # reads at once (pushed from the appends, they would trickle in between the scripts and wake the
         # gateways for a few entries each: measured 2.5x the reads).
-        lone = self._push_in_append and (separate or len(messages) == 1)
-        try:
-            appended = await self._mailbox.append_each(
-                [
-                    Append(p, u, m.envelope.msg_id if m.idempotent else None, lone and len(m.to) == 1, self._local_node)
-                    for p, m in zip(packed, messages, strict=True)
-                    for u in m.to
-                ]
-            )
-        except StoreUnavailable:
-            if self._metrics is not None:
-                self._metrics.send_failed(sum(len(m.to) for m in messages))
-            raise
+        push = self._push_in_append and lone
+        return [
+            Append(p, u, m.envelope.msg_id if m.idempotent else None, push and len(m.to) == 1, self._local_node)
+            for p, m in zip(packed, messages, strict=True)
+            for u in m.to
+        ]
+
+    def _failed(self, messages: Sequence[Message]) -> None:
+        if self._metrics is not None:
+            self._metrics.send_failed(sum(len(m.to) for m in messages))
+
+    async def _deliver(
+        self, messages: Sequence[Message], packed: Sequence[bytes], appended: Sequence[Appended]
+    ) -> list[list[SendResult]]:
+        """Pushes appended messages to their receivers' live nodes; results per message, per receiver."""
         # Where each receiver is live: judged by Redis in the append when it pushed, else by the
         # registry view (the only await, and only then).
         live: list[dict[str, int]] = []

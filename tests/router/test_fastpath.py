@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import time
@@ -331,12 +332,58 @@ async def test_sends_arriving_together_on_many_connections_each_get_their_own_an
         assert sorted(got) == list(range(1, len(got) + 1)), (user, got)
 
 
+@pytest.mark.parametrize("half_close", [False, True])
+async def test_a_flood_of_bad_requests_is_answered_in_order_over_several_turns(
+    half_close: bool, cluster: Cluster, connect: Connect
+) -> None:
+    """Bad requests pipelined in one write are answered at once, but only SYNC_ANSWERS_PER_TURN per
+    loop turn (the rest in later turns, so one client's flood does not hold the loop): all 100, in
+    order, then the send behind them, also when the client half-closes right after writing."""
+    router = cluster.router()
+    connection = await connect(router)
+    await connection.write(send("alice", auth=None) * 100 + send("alice"))
+    if half_close:
+        await connection.half_close()
+    for _ in range(100):
+        answer = await connection.answer()
+        assert (answer.status, answer.code) == (401, "unauthorized"), answer
+    assert (await connection.answer()).seq() == 1
+    if half_close:
+        assert await connection.closed_by_server()
+
+
+async def test_a_send_that_fails_in_redis_fails_alone(
+    cluster: Cluster, connect: Connect, redis_client: RedisClient, keys: Keys
+) -> None:
+    """A send whose mailbox script gets an error reply (a key of the wrong type here) is answered 500;
+    the sends that arrive with it, even in the same pass (the router is stopped while both are written,
+    so it reads them in one turn), are stored once and answered 202."""
+    router = cluster.router()
+    await redis_client.set(keys.user_meta("mallory"), "not a hash")
+    good, bad = await connect(router), await connect(router)
+    assert (await good.exchange(send("alice"))).seq() == 1
+    os.kill(router.proc.pid, signal.SIGSTOP)
+    try:
+        good.writer.write(send("alice"))
+        bad.writer.write(send("mallory"))
+        await good.writer.drain()
+        await bad.writer.drain()
+    finally:
+        os.kill(router.proc.pid, signal.SIGCONT)
+    failed = await bad.answer()
+    assert (failed.status, failed.code) == (500, "internal"), failed
+    assert (await good.answer()).seq() == 2
+    assert await redis_client.xlen(keys.mailbox("alice")) == 2
+
+
 async def test_one_connection_failing_to_go_on_does_not_leave_the_rest_of_its_pass_unanswered() -> None:
     """A pass answers its requests one by one; if going on with one connection fails (a bug), that
     connection is closed and the others of the pass still get their answers."""
 
     class Sender:
-        async def send(self, messages: list[Message], **_: Any) -> list[list[SendResult]]:
+        isolates_sends = True
+
+        async def send_separately(self, messages: list[Message], _packed: Any) -> list[list[SendResult]]:
             return [[SendResult(m.to[0], 1, "e", "stored", ())] for m in messages]
 
     class Router:

@@ -244,3 +244,42 @@ async def test_a_one_receiver_send_is_pushed_by_its_append(
             StreamEntry(m.envelope.pack(), (Recipient(r.to, r.seq, r.epoch),)).pack() for m, r in expected[node]
         ]
     assert len(streams["n1"]) == 5 and len(streams["n2"]) == 2  # n1: 3 + the batch's 2; n2: u2's two sends
+
+
+async def test_separate_sends_in_one_pass_each_get_their_own_outcome(
+    redis_client: RedisClient, keys: Keys, redis_server: RedisServer
+) -> None:
+    """Independent sends gathered into one pass (the router's front) are each appended and pushed as
+    alone: an error reply for one message's append (a key of the wrong type here; Redis out of memory
+    is the same kind) fails that message only, and the others are stored once, pushed, and answered.
+    A multi-receiver message with one failing receiver fails as it would alone."""
+    await redis_client.xgroup_create(keys.node_stream("n1"), "g", id="$", mkstream=True)
+    registry = NodeRegistry(redis_client, keys, dead_after_s=30, key_ttl_s=60)
+    await registry.beat(NodeInfo("n1", 0, 0, False))
+    await RedisPresenceDirectory(redis_client, keys).register("alice", "n1")
+    await redis_client.set(keys.user_meta("mallory"), "not a hash")  # every append for mallory: WRONGTYPE
+    fast = AutoPipeline(redis_server.url, timeout_s=5.0, connect_timeout_s=1.0)
+    try:
+        mailbox = Mailbox(redis_client, keys, max_len=100, ttl_s=60, fast=fast, stream_maxlen=1000)
+        delivery = NodeStreamDelivery(redis_client, keys, stream_maxlen=1000, fast=fast)
+        sender = Sender(mailbox, registry, delivery, max_payload_bytes=1 << 20, push_in_append=True)
+        assert sender.isolates_sends
+        messages = [
+            Message(Envelope.create(sender="s", channel="c", payload=i), to)
+            for i, to in enumerate([("alice",), ("mallory",), ("bob",), ("bob", "mallory"), ("alice",)])
+        ]
+        outcomes = await sender.send_separately(messages, [sender.pack(m.envelope) for m in messages])
+    finally:
+        await fast.aclose()
+    ok = [o for o in outcomes if not isinstance(o, Exception)]
+    assert [type(o).__name__ for o in outcomes if isinstance(o, Exception)] == ["ResponseError"] * 2
+    assert isinstance(outcomes[1], Exception) and isinstance(outcomes[3], Exception)
+    assert [[(r.to, r.seq, r.status) for r in o] for o in ok] == [
+        [("alice", 1, "routed")],
+        [("bob", 1, "stored")],
+        [("alice", 2, "routed")],
+    ]
+    stored = await redis_client.xrange(keys.mailbox("alice"))
+    assert len(stored) == 2
+    entries = await redis_client.xrange(keys.node_stream("n1"))
+    assert len(entries) == 2, "each of alice's messages pushed once, by its own append"
