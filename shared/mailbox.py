@@ -125,7 +125,7 @@ class Mailbox:
     def can_push(self) -> bool:
         """Whether an append can also push (:attr:`Append.push`): only on one standalone Redis (the
         script touches node streams outside the user's slot) without durable writes."""
-        return self._fast is not None and self._durable is None and self._stream_maxlen > 0
+        return self.isolates_appends and self._stream_maxlen > 0
 
     async def append(self, envelope: bytes, user_ids: Sequence[str]) -> list[Appended]:
         """Appends one envelope to each user's mailbox in one pipelined round trip."""
@@ -140,11 +140,7 @@ class Mailbox:
                 raws = await self._durable.run([(keys[0], partial(self._append, keys, args)) for keys, args in calls])
             else:
                 raws = await self._run_script(self._append, calls)
-        appended = [self._appended(i.user_id, raw) for i, raw in zip(items, raws, strict=True)]
-        if self._observe is not None:
-            for result in appended:
-                self._observe(result.length, result.trimmed, self._max_len)
-        return appended
+        return [self._result(item, raw) for item, raw in zip(items, raws, strict=True)]
 
     @property
     def isolates_appends(self) -> bool:
@@ -163,16 +159,19 @@ class Mailbox:
         calls = [self._append_call(i) for i in items]
         with self._guard("mailbox_append"):
             raws = await fast.evalsha(self._append.sha, self._append.script, calls, each=True)
-        outcomes: list[Appended | Exception] = []
-        for item, raw in zip(items, raws, strict=True):
-            if isinstance(raw, Exception):
-                outcomes.append(unavailable(raw) if isinstance(raw, UNAVAILABLE_ERRORS) else raw)
-                continue
-            result = self._appended(item.user_id, raw)
-            if self._observe is not None:
-                self._observe(result.length, result.trimmed, self._max_len)
-            outcomes.append(result)
-        return outcomes
+        return [self._outcome(item, raw) for item, raw in zip(items, raws, strict=True)]
+
+    def _outcome(self, item: Append, raw: Any) -> Appended | Exception:
+        if not isinstance(raw, Exception):
+            return self._result(item, raw)
+        return unavailable(raw) if isinstance(raw, UNAVAILABLE_ERRORS) else raw
+
+    def _result(self, item: Append, raw: Sequence[Any]) -> Appended:
+        """One append's reply as :class:`Appended`, observed (fill ratio, trims)."""
+        result = self._appended(item.user_id, raw)
+        if self._observe is not None:
+            self._observe(result.length, result.trimmed, self._max_len)
+        return result
 
     def _append_call(self, item: Append) -> tuple[list[str], list[Any]]:
         k, user_id = self._keys, item.user_id
