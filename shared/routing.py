@@ -261,9 +261,9 @@ class Sender:
         targets: dict[str, list[Recipient]] = {}
         local: list[Recipient] = []
         rows = []
-        for item, live_nodes in zip(appended, live, strict=True):
+        recipients = tuple(Recipient(a.user_id, a.seq, a.epoch) for a in appended)
+        for item, live_nodes, recipient in zip(appended, live, recipients, strict=True):
             nodes = tuple(sorted(live_nodes))
-            recipient = Recipient(item.user_id, item.seq, item.epoch)
             for node_id in nodes:
                 if node_id == self._local_node:
                     local.append(recipient)
@@ -272,5 +272,4 @@ class Sender:
             rows.append((item, classify(nodes, self._local_node), nodes))
         if local and self._local_handoff is not None:
             self._local_handoff(envelope, envelope_bytes, local)
-        recipients = tuple(Recipient(a.user_id, a.seq, a.epoch) for a in appended)
         return Outgoing(envelope=envelope_bytes, recipients=recipients, targets=targets), rows
