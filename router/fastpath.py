@@ -105,6 +105,7 @@ class FastPathFront:
         # pass once the turn ends (see submit).
         self._pending: list[tuple[FastPathProtocol, Message, bytes, float]] = []
         self._batch: asyncio.Task[None] | None = None
+        self._gathers = router.sender.isolates_sends  # see submit
 
     def __call__(self) -> FastPathProtocol:
         if self.loop is None:
@@ -136,7 +137,7 @@ class FastPathFront:
             self._batch = self.loop.create_task(self._send_batch(self._pending))
         self._pending.append((protocol, message, packed, start))
         batch = self._batch
-        if not self.router.sender.isolates_sends:
+        if not self._gathers:
             self._batch = None
         return batch
 
@@ -147,7 +148,7 @@ class FastPathFront:
         messages, packed = [m for _, m, _, _ in pending], [p for _, _, p, _ in pending]
         outcomes: list[list[SendResult] | Exception]
         try:
-            if sender.isolates_sends:
+            if self._gathers:
                 outcomes = await sender.send_separately(messages, packed)
             else:
                 outcomes = list(await sender.send(messages, packed=packed))
@@ -163,10 +164,10 @@ class FastPathFront:
         # not leave the others of the pass unanswered: it is logged and that connection closed.
         try:
             if isinstance(outcome, Exception):
-                reply = error_reply(self.router, outcome, ROUTE)  # unexpected errors are logged here
-                protocol.answered(reply.status, dumps_json(reply.as_json()), reply.headers, start)
+                protocol.write_error(outcome, start)
             else:
-                protocol.answered(202, dumps_json(message_result(message, outcome)), {}, start)
+                protocol.write_answer(202, dumps_json(message_result(message, outcome)), {}, start)
+            protocol.go_on()
         except Exception:
             log.exception("front_answer_failed")
             protocol.close()
@@ -285,9 +286,8 @@ class FastPathProtocol(asyncio.Protocol):
                 scope = authenticate(router, authorization.decode("latin-1") if authorization is not None else None)
                 message = parse_message(router, parse_json_object(body), scope, None)
                 packed = router.sender.pack(message.envelope)
-            except Exception as e:  # the app's JSON answer; unexpected errors are logged
-                reply = error_reply(router, e, ROUTE)
-                self._write_answer(reply.status, dumps_json(reply.as_json()), reply.headers, start)
+            except Exception as e:
+                self.write_error(e, start)
                 if self._front.closing:
                     self.close()
                     return
@@ -295,7 +295,7 @@ class FastPathProtocol(asyncio.Protocol):
                 if answered_now == SYNC_ANSWERS_PER_TURN:
                     # A client pipelining many bad requests gets the rest answered in later loop turns,
                     # so its flood does not hold the loop for everyone else.
-                    self.answering = self._loop.create_task(self._go_on())
+                    self.answering = self._loop.create_task(self._go_on_later())
                     return
                 continue
             self.answering = self._front.submit(self, message, packed, start)
@@ -334,15 +334,10 @@ class FastPathProtocol(asyncio.Protocol):
         self._head = None
         return authorization, body
 
-    def answered(self, status: int, payload: bytes, headers: Mapping[str, str], start: float) -> None:
-        """The front's pass answered the send in progress: write it, then go on with the next one."""
-        self._write_answer(status, payload, headers, start)
-        self._continue()
+    async def _go_on_later(self) -> None:
+        self.go_on()
 
-    async def _go_on(self) -> None:
-        self._continue()
-
-    def _continue(self) -> None:
+    def go_on(self) -> None:
         """After an answer: the next request, or the close a shutdown or a half-closed client asked for."""
         self.answering = None
         if self._front.closing:
@@ -354,7 +349,12 @@ class FastPathProtocol(asyncio.Protocol):
             return
         self._regulate_reading()
 
-    def _write_answer(self, status: int, payload: bytes, headers: Mapping[str, str], start: float) -> None:
+    def write_error(self, error: Exception, start: float) -> None:
+        """The app's JSON answer for a failed request (unexpected errors are logged by error_reply)."""
+        reply = error_reply(self._front.router, error, ROUTE)
+        self.write_answer(reply.status, dumps_json(reply.as_json()), reply.headers, start)
+
+    def write_answer(self, status: int, payload: bytes, headers: Mapping[str, str], start: float) -> None:
         self._front.router.metrics.observe_http(ROUTE, status, time.perf_counter() - start)
         transport = self._transport
         if transport is not None and not transport.is_closing():

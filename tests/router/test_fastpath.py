@@ -395,8 +395,10 @@ async def test_one_connection_failing_to_go_on_does_not_leave_the_rest_of_its_pa
             self.answers: list[int] = []
             self.closed = False
 
-        def answered(self, status: int, payload: bytes, headers: Any, start: float) -> None:
+        def write_answer(self, status: int, payload: bytes, headers: Any, start: float) -> None:
             self.answers.append(status)
+
+        def go_on(self) -> None:
             if self.fails:
                 raise RuntimeError("bug")
 
