@@ -333,13 +333,15 @@ class Receivers:
         def on_message(ws: WsConnection, data: bytes) -> None:
             nonlocal since_ack
             now = time.time()
+            frame = self._decode(data)
             try:
-                frame = msgpack.unpackb(data, raw=False) if binary else json.loads(data)
+                if frame is None:
+                    raise ValueError("not a frame")
                 payload = frame["payload"]
                 msg_id = int(payload["i"])
                 sent_at = float(payload["t"])
                 seq = int(frame["seq"])
-            except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            except (ValueError, KeyError, TypeError):
                 state.unexpected += 1
                 return
             if msg_id < 0:
