@@ -28,6 +28,7 @@ from router.handlers import message_result, parse_message
 from shared.logs import get_logger
 from shared.protocol import dumps_json
 from shared.routing import Message, SendResult
+from shared.runtime import KEEPALIVE_TIMEOUT_S
 
 log = get_logger("beeline.router.front")
 
@@ -45,9 +46,9 @@ PAUSE_READING_AT: Final = 256 * 1024
 """Bytes buffered ahead of the answer in progress (pipelining) at which the front stops reading..."""
 RESUME_READING_AT: Final = 64 * 1024
 """...and the level it must drain to before it reads again."""
-KEEPALIVE_S: Final = 75.0
+KEEPALIVE_S: Final = KEEPALIVE_TIMEOUT_S
 """An idle connection, or one whose request has not arrived in full this long after it began (a client
-trickling bytes), is closed: aiohttp's keep-alive timeout."""
+trickling bytes), is closed: the keep-alive timeout the services give aiohttp."""
 _HEADER_LINE: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*"
 _HEADER_LINES: Final = re.compile(_HEADER_LINE + rb"(?:\r\n" + _HEADER_LINE + rb")*")
 """Header lines (token, colon, value without control characters), all checked in one regex call."""

@@ -14,7 +14,7 @@ import gc
 import importlib
 import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from aiohttp import web
 
@@ -94,7 +94,7 @@ class _FrontedSite(web.TCPSite):
             await self._front.close(self._close_timeout_s)
 
 
-KEEPALIVE_TIMEOUT_S = 75.0
+KEEPALIVE_TIMEOUT_S: Final = 75.0
 """What ``web.run_app`` gives aiohttp's connections (a bare ``AppRunner`` would keep them an hour)."""
 
 
