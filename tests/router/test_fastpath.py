@@ -35,7 +35,7 @@ from shared.keys import Keys
 from shared.redis import RedisClient
 from shared.routing import Message, SendResult
 from tests.observability.support import metrics_text, scrape
-from tests.support import API_KEY, Client, Cluster, Service, eventually
+from tests.support import API_KEY, Client, Cluster, Service, eventually, proc_stat_fields, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -306,9 +306,10 @@ async def test_pipelined_requests_are_answered_in_order(cluster: Cluster, connec
 async def test_sends_arriving_together_on_many_connections_each_get_their_own_answer(
     cluster: Cluster, connect: Connect
 ) -> None:
-    """The front sends what arrives in one loop turn, from every connection, as one pass: each request
-    still gets its own answer, in its connection's order, a bad one among them its own 400 at once,
-    a many-receiver one its results, and every user's seqs are gapless and unique."""
+    """Sends written at once on many connections, which the front takes in shared passes when they
+    arrive in one loop turn: each request still gets its own answer, in its connection's order, a bad
+    one among them its own 400 at once, a many-receiver one its results, and every user's seqs are
+    gapless and unique."""
     router = cluster.router()
     connections = [await connect(router) for _ in range(24)]
     users = ["alice", "bob", "carol"]
@@ -353,27 +354,33 @@ async def test_a_flood_of_bad_requests_is_answered_in_order_over_several_turns(
 
 
 async def test_a_send_that_fails_in_redis_fails_alone(
-    cluster: Cluster, connect: Connect, redis_client: RedisClient, keys: Keys
+    cluster: Cluster, connect: Connect, session: aiohttp.ClientSession, redis_client: RedisClient, keys: Keys
 ) -> None:
     """A send whose mailbox script gets an error reply (a key of the wrong type here) is answered 500;
-    the sends that arrive with it, even in the same pass (the router is stopped while both are written,
-    so it reads them in one turn), are stored once and answered 202."""
+    the send that arrives with it in the same pass (the router is stopped while both are written, so it
+    reads them in one turn: one timed mailbox_append for the two) is stored once and answered 202."""
     router = cluster.router()
+    assert router.proc is not None
+    pid = router.proc.pid
     await redis_client.set(keys.user_meta("mallory"), "not a hash")
     good, bad = await connect(router), await connect(router)
     assert (await good.exchange(send("alice"))).seq() == 1
-    os.kill(router.proc.pid, signal.SIGSTOP)
+    appends = ("beeline_redis_command_duration_seconds_count", (("op", "mailbox_append"), ("service", "router")))
+    before = (await metric_values(session, router))[appends]
+    os.kill(pid, signal.SIGSTOP)
     try:
+        wait_until(lambda: proc_stat_fields(pid)[0] == "T", timeout=5, what="the router to stop")
         good.writer.write(send("alice"))
         bad.writer.write(send("mallory"))
         await good.writer.drain()
         await bad.writer.drain()
     finally:
-        os.kill(router.proc.pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
     failed = await bad.answer()
     assert (failed.status, failed.code) == (500, "internal"), failed
     assert (await good.answer()).seq() == 2
     assert await redis_client.xlen(keys.mailbox("alice")) == 2
+    assert (await metric_values(session, router))[appends] == before + 1, "both sends in one pass"
 
 
 async def test_one_connection_failing_to_go_on_does_not_leave_the_rest_of_its_pass_unanswered() -> None:
@@ -409,9 +416,9 @@ async def test_one_connection_failing_to_go_on_does_not_leave_the_rest_of_its_pa
     front.loop = asyncio.get_running_loop()
     first, failing, last = Protocol(False), Protocol(True), Protocol(False)
     envelope = Envelope.create(sender="system", channel="c", payload=1)
-    for protocol in (first, failing, last):
-        task = front.submit(protocol, Message(envelope, ("alice",)), b"", 0.0)  # type: ignore[arg-type]
-    await task
+    tasks = {front.submit(p, Message(envelope, ("alice",)), b"", 0.0) for p in (first, failing, last)}  # type: ignore[arg-type]
+    assert len(tasks) == 1, "one pass"
+    await tasks.pop()
     assert (first.answers, failing.answers, last.answers) == ([202], [202], [202])
     assert failing.closed and not first.closed and not last.closed
 
