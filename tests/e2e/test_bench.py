@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,13 +15,14 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from beeline.bench import IDLE_FIELDS, RUN_FIELDS, format_table, parse_args, plan_requests
-from beeline.bench_client import WS_GUID, HttpConnection, WsConnection, message_json, request_body
+from beeline.bench_client import WS_GUID, HttpConnection, WsConnection, WsError, message_json, request_body
 from beeline.bench_stats import (
     INFO_COMMAND,
     Receipt,
@@ -258,11 +260,20 @@ ANSWERS = [
 ]
 
 
+@pytest.fixture
+def idle_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A loop that never runs: the sender's HTTP client only reads its clock."""
+    with contextlib.closing(asyncio.new_event_loop()) as loop:
+        yield loop
+
+
 @pytest.mark.parametrize(("answer", "status", "closes"), ANSWERS)
-def test_the_sender_reads_an_answer_split_anywhere(answer: bytes, status: int, closes: bool) -> None:
+def test_the_sender_reads_an_answer_split_anywhere(
+    answer: bytes, status: int, closes: bool, idle_loop: asyncio.AbstractEventLoop
+) -> None:
     """The load generator's HTTP client reports each answer once, however the bytes arrive, and keeps
     reading the next answer on the same connection (or drops it on ``Connection: close``)."""
-    loop = asyncio.new_event_loop()
+    loop = idle_loop
     for split in range(1, len(answer)):
         connection = HttpConnection(loop, "127.0.0.1", 1, "Bearer k")
         transport = _Transport()
@@ -278,12 +289,10 @@ def test_the_sender_reads_an_answer_split_anywhere(answer: bytes, status: int, c
             connection.post(b"/v1/messages", b"{}", lambda s, e, seen=seen: seen.append((s, e)))
             connection.data_received(ANSWERS[0][0])
             assert seen[-1] == (202, None)
-    loop.close()
 
 
-def test_the_sender_reports_a_lost_or_garbled_answer_as_an_error() -> None:
-    loop = asyncio.new_event_loop()
-    connection = HttpConnection(loop, "127.0.0.1", 1, "Bearer k")
+def test_the_sender_reports_a_lost_or_garbled_answer_as_an_error(idle_loop: asyncio.AbstractEventLoop) -> None:
+    connection = HttpConnection(idle_loop, "127.0.0.1", 1, "Bearer k")
     seen: list[tuple[int | None, str | None]] = []
     connection.connection_made(_Transport())  # type: ignore[arg-type]
     connection.post(b"/v1/messages", b"{}", lambda s, e: seen.append((s, e)))
@@ -291,7 +300,6 @@ def test_the_sender_reports_a_lost_or_garbled_answer_as_an_error() -> None:
     connection.connection_made(_Transport())  # type: ignore[arg-type]
     connection.post(b"/v1/messages", b"{}", lambda s, e: seen.append((s, e)))
     connection.connection_lost(None)
-    loop.close()
     assert seen == [(None, "HttpError"), (None, "ConnectionResetError")]
 
 
@@ -346,7 +354,7 @@ def test_the_receivers_websocket_client_reads_frames_split_anywhere() -> None:
         ws.connection_made(_Transport())  # type: ignore[arg-type]
         ws.handshake("127.0.0.1", 1, "/ws", "beeline.v1.json", "token")
         ws.data_received(b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: wrong\r\n\r\n")
-        with pytest.raises(Exception, match="Sec-WebSocket-Accept"):
+        with pytest.raises(WsError, match="Sec-WebSocket-Accept"):
             ws.welcome.result()
 
     asyncio.run(scenario())
