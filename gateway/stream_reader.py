@@ -89,6 +89,8 @@ class NodeStreamReader:
         self._batch = batch
         self._block_ms = block_ms
         self._on_stream_lost = on_stream_lost
+        self._backoff = Backoff()
+        self._entries_total = metrics.stream_entries.labels(node_id)
 
     async def prepare(self) -> None:
         """A fresh, empty stream and group for this incarnation of the node."""
@@ -116,11 +118,10 @@ class NodeStreamReader:
         return 0
 
     async def run(self) -> None:
-        backoff = Backoff()
-        entries_total = self._metrics.stream_entries.labels(self._node_id)
+        backoff = self._backoff
         while True:
             try:
-                payloads = await self._read()
+                await self._read()
             except asyncio.CancelledError:
                 raise
             except redis_exceptions.ResponseError as e:
@@ -133,33 +134,43 @@ class NodeStreamReader:
                     await self._on_stream_lost()
                 except (StoreUnavailable, *UNAVAILABLE_ERRORS):
                     await backoff.wait()
-                continue
             except UNAVAILABLE_ERRORS as e:
                 if backoff.failures == 0:
                     log.warning("node_stream_read_failed", node_id=self._node_id, error=type(e).__name__)
                 await backoff.wait()
-                continue
-            if backoff.failures:
-                log.info("node_stream_read_recovered", node_id=self._node_id, failures=backoff.failures)
-                backoff.reset()
-            if payloads:
-                entries_total.inc(len(payloads))
-                for payload in payloads:
-                    self._handle(payload)
 
-    async def _read(self) -> list[bytes | None]:
-        """The next batch: each entry's payload (``None`` when an entry lacks the field)."""
+    async def _read(self) -> None:
+        """Reads batches and hands them to the hub until a read fails (raised)."""
         if self._connection is None:  # Redis Cluster: redis-py routes the read to the stream's slot
-            response = await self._blocking.xreadgroup(
-                STREAM_GROUP, self._node_id, {self._stream: ">"}, count=self._batch, block=self._block_ms, noack=True
-            )
-            return [fields.get(STREAM_FIELD) for _stream, messages in response or () for _id, fields in messages]
-        # Raw RESP2 reply: [[stream, [[id, [field, value, ...]], ...]]] or nil when the BLOCK timed out.
-        raw = await self._connection.execute(
-            "XREADGROUP", "GROUP", STREAM_GROUP, self._node_id, "COUNT", self._batch, "BLOCK", self._block_ms,
-            "NOACK", "STREAMS", self._stream, ">",
+            while True:
+                response = await self._blocking.xreadgroup(
+                    STREAM_GROUP, self._node_id, {self._stream: ">"}, count=self._batch, block=self._block_ms,
+                    noack=True,
+                )  # fmt: skip
+                self._deliver(
+                    [fields.get(STREAM_FIELD) for _stream, messages in response or () for _id, fields in messages]
+                )
+        # One read per reply, written again from the connection's callback (AutoPipeline.repeat).
+        await self._connection.repeat(
+            ("XREADGROUP", "GROUP", STREAM_GROUP, self._node_id, "COUNT", self._batch, "BLOCK", self._block_ms,
+             "NOACK", "STREAMS", self._stream, ">"),
+            self._deliver_raw,
         )  # fmt: skip
-        return [_field(flat) for _stream, messages in raw or () for _id, flat in messages]
+
+    def _deliver_raw(self, raw: Any) -> None:
+        # Raw RESP2 reply: [[stream, [[id, [field, value, ...]], ...]]] or nil when the BLOCK timed out.
+        self._deliver([_field(flat) for _stream, messages in raw or () for _id, flat in messages])
+
+    def _deliver(self, payloads: list[bytes | None]) -> None:
+        """One batch read: each entry's payload (``None`` when an entry lacks the field)."""
+        backoff = self._backoff
+        if backoff.failures:
+            log.info("node_stream_read_recovered", node_id=self._node_id, failures=backoff.failures)
+            backoff.reset()
+        if payloads:
+            self._entries_total.inc(len(payloads))
+            for payload in payloads:
+                self._handle(payload)
 
     def _handle(self, payload: bytes | None) -> None:
         try:

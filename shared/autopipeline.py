@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, cast
 
 import hiredis
 from redis import exceptions as redis_exceptions
@@ -45,6 +45,18 @@ def _error(reply: hiredis.ReplyError) -> redis_exceptions.RedisError:
     return _UNAVAILABLE_PREFIXES.get(prefix, redis_exceptions.ResponseError)(message)
 
 
+class _Waiter(Protocol):
+    """What waits for one reply: a future, or a repeated command (:class:`_Repeat`)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+    def exception(self) -> BaseException | None: ...
+
+
 class _RespProtocol(asyncio.Protocol):
     """One connection: replies are matched to waiters in the order the commands were written."""
 
@@ -52,7 +64,7 @@ class _RespProtocol(asyncio.Protocol):
         # Kept: asyncio.get_running_loop() costs a getpid() syscall per call on Python 3.11.
         self.loop = loop
         self.reader = hiredis.Reader()
-        self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.waiters: deque[_Waiter] = deque()
         self.transport: asyncio.Transport | None = None
         self.answered = 0
         self.closed = False
@@ -94,6 +106,49 @@ class _RespProtocol(asyncio.Protocol):
             self.watchdog.cancel()
         if self.transport is not None:
             self.transport.abort()
+
+
+class _Repeat:
+    """The waiter of a repeated command: each reply is handed to ``on_reply`` and the command is
+    written again at once, from the protocol's callback, with no future or task wake-up per reply.
+
+    ``ended`` completes with the first error reply or connection failure (or is cancelled by the
+    caller); from then on a reply that still arrives is dropped and nothing more is written.
+    """
+
+    __slots__ = ("ended", "on_reply", "packed", "pipeline", "protocol")
+
+    def __init__(
+        self, pipeline: AutoPipeline, protocol: _RespProtocol, packed: bytes, on_reply: Callable[[Any], None]
+    ) -> None:
+        self.pipeline = pipeline
+        self.protocol = protocol
+        self.packed = packed
+        self.on_reply = on_reply
+        self.ended: asyncio.Future[None] = protocol.loop.create_future()
+
+    # The waiter interface of _RespProtocol (that of a future).
+    def done(self) -> bool:
+        return self.ended.done()
+
+    def set_result(self, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            self.ended.set_exception(_error(reply))
+            return
+        # Written before the reply is handled: Redis is already waiting for the next entries while
+        # these are delivered.
+        self.pipeline._write_now(self.protocol, self.packed, self)
+        try:
+            self.on_reply(reply)
+        except Exception as e:  # a bug in the handler ends the repeat like a failed read would
+            self.ended.set_exception(e)
+
+    def set_exception(self, error: BaseException) -> None:
+        if not self.ended.done():
+            self.ended.set_exception(error)
+
+    def exception(self) -> BaseException | None:
+        return self.ended.exception() if self.ended.done() and not self.ended.cancelled() else None
 
 
 class AutoPipeline:
@@ -141,6 +196,23 @@ class AutoPipeline:
             if isinstance(reply, hiredis.ReplyError):
                 raise _error(reply)
         return replies
+
+    async def repeat(self, command: Command, on_reply: Callable[[Any], None]) -> None:
+        """Runs ``command`` again and again, each time its reply arrives, handing every reply to
+        ``on_reply`` inside the connection's read callback; returns only by raising: the first error
+        reply (as the redis-py exception), a lost or stuck connection, or cancellation.
+
+        For a gateway's blocking stream read, one per delivery at low rates: the next read goes out in
+        the same callback, so a delivery costs one loop wake-up and no future, task step or second
+        loop iteration. Use it on a connection of its own (its BLOCK holds the connection).
+        """
+        protocol = self._open_protocol() or await self._connect()
+        # hiredis's stub types the argument as a 1-tuple; any tuple of these types is accepted.
+        repeat = _Repeat(self, protocol, hiredis.pack_command(tuple(command)), on_reply)  # type: ignore[arg-type]
+        self._write_now(protocol, repeat.packed, repeat)
+        # Cancelling the caller cancels ``ended``: the reply still in flight is dropped, nothing more
+        # is written.
+        await repeat.ended
 
     async def evalsha(
         self,
@@ -196,11 +268,20 @@ class AutoPipeline:
             loop.call_soon(self._flush, protocol)
         return futures
 
+    def _write_now(self, protocol: _RespProtocol, packed: bytes, waiter: _Repeat) -> None:
+        """Writes a command now, after whatever this turn queued before it (replies come in order)."""
+        if protocol.closed:
+            waiter.set_exception(redis_exceptions.ConnectionError("connection to redis lost"))
+            return
+        protocol.waiters.append(waiter)
+        protocol.queue.append(packed)
+        self._flush(protocol)
+
     def _flush(self, protocol: _RespProtocol) -> None:
         protocol.flush_scheduled = False
         queue, protocol.queue = protocol.queue, []
-        if protocol.closed or protocol.transport is None:
-            return  # its waiters were failed when it closed
+        if not queue or protocol.closed or protocol.transport is None:
+            return  # written already (by _write_now), or its waiters were failed when it closed
         protocol.transport.write(b"".join(queue))
         loop = protocol.loop
         protocol.in_flight.append((loop.time(), protocol.answered + len(protocol.waiters)))

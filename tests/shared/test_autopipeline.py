@@ -70,15 +70,21 @@ async def test_error_replies_raise_after_every_reply_arrived(own_redis: RedisSer
         await fast.aclose()
 
 
-async def script_calls(server: RedisServer) -> tuple[int, int]:
-    """``(EVAL calls, EVALSHA calls)`` the server has run."""
+async def command_calls(server: RedisServer, *commands: str) -> tuple[int, ...]:
+    """How many times the server has run each command."""
     stats = await stat(server, "commandstats")
 
     def calls(command: str) -> int:
         fields = dict(f.split("=", 1) for f in stats.get(f"cmdstat_{command}", "calls=0").split(","))
         return int(fields["calls"])
 
-    return calls("eval"), calls("evalsha")
+    return tuple(calls(c) for c in commands)
+
+
+async def script_calls(server: RedisServer) -> tuple[int, int]:
+    """``(EVAL calls, EVALSHA calls)`` the server has run."""
+    evals, evalshas = await command_calls(server, "eval", "evalsha")
+    return evals, evalshas
 
 
 async def test_scripts_load_themselves_after_a_flush(own_redis: RedisServer) -> None:
@@ -199,3 +205,84 @@ async def test_password_and_database_from_the_url() -> None:
             await wrong.aclose()
     finally:
         server.cleanup()
+
+
+async def test_a_repeated_command_hands_over_each_reply_and_runs_again(own_redis: RedisServer) -> None:
+    """``repeat`` (the gateway's stream read): every reply reaches the handler in order, including the
+    BLOCK's timeout (nil), and the command is written again once per reply, not more."""
+    fast, feeder = pipeline(own_redis), pipeline(own_redis)
+    replies: list[Any] = []
+    reading = asyncio.ensure_future(fast.repeat(("BLPOP", "q", 1), replies.append))
+    try:
+        await eventually(partial(one_blocked, own_redis), timeout=5, what="the first BLPOP")
+        for round_ in range(3):
+            await feeder.execute("RPUSH", "q", *(f"{round_}-{i}" for i in range(50)))
+        expected = [[b"q", f"{r}-{i}".encode()] for r in range(3) for i in range(50)]
+        await eventually(lambda: _true(len(replies) >= 150), timeout=5, what="150 replies")
+        assert replies[:150] == expected
+        await eventually(lambda: _true(None in replies), timeout=5, what="the BLOCK to time out once")
+        await eventually(partial(one_blocked, own_redis), timeout=5, what="the read after the timeout")
+        [calls] = await command_calls(own_redis, "blpop")
+        assert calls == len(replies) + 1  # one in flight: written again once per reply
+        assert not reading.done()
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await feeder.aclose()
+        await fast.aclose()
+
+
+async def test_a_repeated_command_ends_at_an_error_reply_a_lost_connection_or_a_failing_handler(
+    own_redis: RedisServer,
+) -> None:
+    fast = pipeline(own_redis, timeout_s=10.0)
+    try:
+        await fast.execute("SET", "text", "v")
+        with pytest.raises(redis_exceptions.ResponseError, match="WRONGTYPE"):
+            await asyncio.wait_for(fast.repeat(("BLPOP", "text", 1), lambda _reply: None), timeout=5)
+        assert await command_calls(own_redis, "blpop") == (1,)  # not written again after the error
+
+        def broken(_reply: Any) -> None:
+            raise KeyError("bug")
+
+        await fast.execute("RPUSH", "q", "a", "b")
+        with pytest.raises(KeyError):
+            await asyncio.wait_for(fast.repeat(("LPOP", "q"), broken), timeout=5)
+        # The read written before the handler ran still gets its reply (same connection: LLEN after it);
+        # the one after it is not written.
+        assert await fast.execute("LLEN", "q") == 0
+        assert await command_calls(own_redis, "lpop") == (2,)
+
+        reading = asyncio.ensure_future(fast.repeat(("BLPOP", "never", 5), lambda _reply: None))
+        await eventually(partial(one_blocked, own_redis), timeout=5, what="the BLPOP to be in flight")
+        own_redis.stop()
+        with pytest.raises(redis_exceptions.ConnectionError):
+            await asyncio.wait_for(reading, timeout=5)
+    finally:
+        await fast.aclose()
+
+
+async def test_a_cancelled_repeat_writes_nothing_more_and_drops_the_reply_in_flight(own_redis: RedisServer) -> None:
+    fast, feeder = pipeline(own_redis), pipeline(own_redis)
+    replies: list[Any] = []
+    reading = asyncio.ensure_future(fast.repeat(("BLPOP", "q", 5), replies.append))
+    try:
+        await eventually(partial(one_blocked, own_redis), timeout=5, what="the BLPOP to be in flight")
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await feeder.execute("RPUSH", "q", "late")
+        await eventually(lambda: _not_blocked(own_redis), timeout=5, what="the BLPOP in flight to be answered")
+        assert await fast.execute("PING") == b"PONG"  # the dropped reply did not shift this one
+        assert replies == []
+        assert await command_calls(own_redis, "blpop") == (1,)
+    finally:
+        await feeder.aclose()
+        await fast.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _not_blocked(server: RedisServer) -> bool:
+    return int((await stat(server, "clients"))["blocked_clients"]) == 0
