@@ -7,11 +7,13 @@ import asyncio
 
 import msgpack
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from shared.config import GatewayConfig, RouterConfig, load
 from shared.envelope import Envelope, Recipient, StreamEntry
 from shared.errors import ConfigError, EnvelopeDecodeError, InvalidRequest
 from shared.keys import Keys
+from shared.metrics import LATENCY_BUCKETS, CounterFamily, HistogramFamily
 from shared.protocol import (
     ErrorCode,
     JsonCodec,
@@ -182,3 +184,37 @@ def test_json_frames_and_answers_are_compact_utf8() -> None:
     """Compact UTF-8, binary values as base64, non-string map keys as strings (msgpack allows them)."""
     assert dumps_json({"é": [1, None], 2: b"\x00\x01"}) == '{"é":[1,null],"2":"AAE="}'.encode()
     assert JsonCodec().encode({"type": "ping"}) == b'{"type":"ping"}'
+
+
+def test_lean_metric_families_export_exactly_as_prometheus_client() -> None:
+    """The hot-path counters and histograms of shared.metrics are plain numbers, not prometheus_client's
+    locked children; a scrape must not tell them apart (names, labels, buckets, values, _created)."""
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    counters = (
+        Counter("beeline_x_total", "Doc.", ["service", "outcome"], registry=theirs),
+        CounterFamily("beeline_x_total", "Doc.", ["service", "outcome"], registry=ours),
+    )
+    histograms = (
+        Histogram("beeline_y_seconds", "Doc.", ["node"], buckets=LATENCY_BUCKETS, registry=theirs),
+        HistogramFamily("beeline_y_seconds", "Doc.", ["node"], buckets=LATENCY_BUCKETS, registry=ours),
+    )
+    observed = (0.0, 0.0001, 0.00011, 0.001, 0.7, 30.0, 31.0, 1e9)  # on, between and beyond the bounds
+    for counter in counters:
+        counter.labels("router", "routed").inc()
+        counter.labels("router", "routed").inc(2.5)
+        counter.labels("router", "stored")  # created at 0
+    for histogram in histograms:
+        for value in observed:
+            histogram.labels("gw1").observe(value)
+        histogram.labels("gw2")
+
+    def text(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+    assert text(ours) == text(theirs)
+    created = [line for line in generate_latest(ours).decode().splitlines() if "_created{" in line]
+    assert len(created) == 4
+    with pytest.raises(ValueError):
+        counters[1].labels("router", "routed").inc(-1)
+    with pytest.raises(ValueError):
+        counters[1].labels("router")
