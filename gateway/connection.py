@@ -264,7 +264,13 @@ class Connection:
             if self.first_filtered is None:
                 self.first_filtered = recipient.seq
             return
-        self.send_frame(message_frame(envelope, recipient), envelope.ts, path)
+        try:
+            self.send_frame(message_frame(envelope, recipient), envelope.ts, path)
+        except (TypeError, ValueError, OverflowError):
+            # A payload this connection's subprotocol has no form for (input validation should have
+            # refused it): skipped and logged, rather than failing the node's stream read or closing
+            # a connection that would then fail the same way on every catch-up.
+            log.exception("message_unencodable", user_id=self.user_id, conn_id=self.conn_id, msg_id=envelope.msg_id)
 
     # -- outbound -----------------------------------------------------------------------------------
     def send_frame(self, frame: dict[str, Any], ts: float = 0.0, path: str = "") -> None:

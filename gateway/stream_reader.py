@@ -180,7 +180,12 @@ class NodeStreamReader:
         except EnvelopeDecodeError:
             log.error("stream_entry_undecodable", node_id=self._node_id)
             return
-        self._hub.deliver_entry(entry, "routed")
+        try:
+            self._hub.deliver_entry(entry, "routed")
+        except Exception:
+            # A bug in delivering one entry must not stop the node's stream: the entries after it,
+            # for other users, would wait (or, read and dropped, be lost to the live path).
+            log.exception("stream_entry_failed", node_id=self._node_id)
 
 
 def _field(flat: list[bytes]) -> bytes | None:

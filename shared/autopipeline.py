@@ -109,7 +109,7 @@ class _RespProtocol(asyncio.Protocol):
 
 
 class _Repeat:
-    """The waiter of a repeated command: each reply is handed to ``on_reply`` and the command is
+    """The waiter of a repeated command: each reply is handed to ``on_reply`` and the command is then
     written again at once, from the protocol's callback, with no future or task wake-up per reply.
 
     ``ended`` completes with the first error reply or connection failure (or is cancelled by the
@@ -135,13 +135,15 @@ class _Repeat:
         if isinstance(reply, hiredis.ReplyError):
             self.ended.set_exception(_error(reply))
             return
-        # Written before the reply is handled: Redis is already waiting for the next entries while
-        # these are delivered.
-        self.pipeline._write_now(self.protocol, self.packed, self)
         try:
             self.on_reply(reply)
         except Exception as e:  # a bug in the handler ends the repeat like a failed read would
             self.ended.set_exception(e)
+            return
+        # Written only once the reply was handled: a read that consumes (XREADGROUP with NOACK) must
+        # not be in flight when the repeat ends, or what it returns would be dropped with it.
+        if not self.ended.done():
+            self.pipeline._write_now(self.protocol, self.packed, self)
 
     def set_exception(self, error: BaseException) -> None:
         if not self.ended.done():

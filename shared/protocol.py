@@ -64,9 +64,12 @@ class FrameCodec(Protocol):
 
 
 def _json_default(value: object) -> object:
-    # msgpack clients may send binary payloads; JSON clients see them base64-encoded.
+    # msgpack clients may send binary payloads and timestamps; JSON clients see them as base64 and as
+    # RFC 3339 strings.
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, msgpack.Timestamp):
+        return value.to_datetime().isoformat().replace("+00:00", "Z")
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
@@ -113,10 +116,16 @@ class MsgpackCodec:
         if isinstance(data, str):
             raise InvalidRequest(ErrorCode.WRONG_FRAME_KIND, "text frame on the msgpack subprotocol")
         try:
-            frame = msgpack.unpackb(data, raw=False)
+            frame = msgpack.unpackb(data, raw=False, ext_hook=_refuse_extension)
         except (ValueError, TypeError, msgpack.UnpackException) as e:
             raise InvalidRequest(ErrorCode.BAD_FRAME, "frame is not valid msgpack") from e
         return _require_object(frame)
+
+
+def _refuse_extension(code: int, _data: bytes) -> object:
+    # An application's own extension type means nothing to the other clients (a JSON receiver has no
+    # form for it): refused at the door. Timestamps (type -1) are decoded by msgpack, not here.
+    raise InvalidRequest(ErrorCode.INVALID_FIELD, f"msgpack extension type {code} is not supported")
 
 
 def _require_object(frame: object) -> dict[str, Any]:

@@ -483,7 +483,8 @@ async def test_bad_input_storm_does_not_affect_other_users_delivery(
 async def test_msgpack_subprotocol_uses_binary_frames(cluster: Cluster, session: aiohttp.ClientSession) -> None:
     """On ``beeline.v1.msgpack`` every server frame (welcome, sent, message, error) is a binary msgpack
     frame; sends in msgpack work (binary payloads stay bytes); a text frame gets ``wrong_frame_kind``,
-    bad msgpack or a non-map gets ``bad_frame``, and the connection keeps working."""
+    bad msgpack or a non-map gets ``bad_frame``, an extension type ``invalid_field``, and the connection
+    keeps working."""
     gw = cluster.gateway("g1")
     bob = await Wire.connect(session, gw, headers=bearer(token("bob")), protocols=(SUBPROTOCOL_MSGPACK,))
     assert bob.ws.protocol == SUBPROTOCOL_MSGPACK
@@ -507,6 +508,8 @@ async def test_msgpack_subprotocol_uses_binary_frames(cluster: Cluster, session:
         (b"\xc1", ErrorCode.BAD_FRAME),  # 0xc1 is never used in msgpack
         (msgpack.packb([1, 2, 3]), ErrorCode.BAD_FRAME),
         (msgpack.packb({"type": "nope", "ref": 3}), ErrorCode.UNKNOWN_TYPE),
+        # An application's own extension type: no JSON receiver could be given it.
+        (msgpack.packb(send_frame("carol", {"x": msgpack.ExtType(5, b"x")}, ref=5)), ErrorCode.INVALID_FIELD),
     ]
 
     def errors() -> list[tuple[aiohttp.WSMsgType, dict[str, Any]]]:
@@ -537,7 +540,7 @@ async def test_json_and_msgpack_connections_of_one_user_both_receive(
 ) -> None:
     """A user connected once with JSON and once with msgpack gets each message on both connections, the
     same message (id, seq, epoch, from, payload), each in its own encoding; a binary payload reaches
-    the JSON connection base64-encoded."""
+    the JSON connection base64-encoded, a msgpack timestamp as an RFC 3339 string."""
     gw = cluster.gateway("g1")
     as_json = await Wire.connect(session, gw, headers=bearer(token("alice")), protocols=(SUBPROTOCOL_JSON,))
     assert as_json.ws.protocol == SUBPROTOCOL_JSON
@@ -561,6 +564,14 @@ async def test_json_and_msgpack_connections_of_one_user_both_receive(
     _, msgpack_msg = await as_msgpack.wait_for(lambda _k, f: f["type"] == "message" and f["seq"] == 2, what="seq 2")
     assert msgpack_msg["payload"] == b"\x01\x02"
     assert json_msg["payload"] == base64.b64encode(b"\x01\x02").decode()
+
+    # A msgpack timestamp: itself for msgpack receivers, an RFC 3339 UTC string for JSON receivers.
+    stamp = msgpack.Timestamp(1_700_000_000, 250_000_000)
+    await as_msgpack.ws.send_bytes(msgpack.packb(send_frame("alice", {"at": stamp}, ref="stamp")))
+    _, json_msg = await as_json.wait_for(lambda _k, f: f["type"] == "message" and f["seq"] == 3, what="seq 3")
+    _, msgpack_msg = await as_msgpack.wait_for(lambda _k, f: f["type"] == "message" and f["seq"] == 3, what="seq 3")
+    assert msgpack_msg["payload"] == {"at": stamp}
+    assert json_msg["payload"] == {"at": "2023-11-14T22:13:20.250000Z"}
     await bob.close()
     for wire in (as_json, as_msgpack):
         await wire.close()
