@@ -18,6 +18,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from math import isnan
 from types import TracebackType
 from typing import Final, Generic, TypeVar
 
@@ -122,9 +123,11 @@ class HistogramChild:
         self.created = time.time()
 
     def observe(self, amount: float) -> None:
+        self.sum += amount
+        if isnan(amount):  # in no bucket, as prometheus_client does (only the sum shows it)
+            return
         # bisect_left: the first bound >= amount, as a Prometheus bucket counts values <= its le.
         self.counts[bisect_left(self.bounds, amount)] += 1
-        self.sum += amount
 
 
 Child = TypeVar("Child", CounterChild, HistogramChild)
