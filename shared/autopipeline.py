@@ -325,7 +325,14 @@ class AutoPipeline:
                         await loop.create_connection(lambda: protocol, self._host, self._port, ssl=self._ssl)
             except (OSError, TimeoutError) as e:
                 raise redis_exceptions.ConnectionError(f"cannot connect to redis: {e}") from e
-            for reply in [await f for f in self._send(protocol, self._setup)]:
+            try:
+                replies = [await f for f in self._send(protocol, self._setup)]
+            except BaseException:
+                # Cancelled (or timed out) before the setup answered: this socket would never be used
+                # nor closed.
+                protocol.abort(redis_exceptions.ConnectionError("connection setup did not finish"))
+                raise
+            for reply in replies:
                 if isinstance(reply, hiredis.ReplyError):
                     # A wrong password or database is a configuration error that no retry fixes, but
                     # like redis-py it surfaces as a connection failure: the caller answers 503 and

@@ -286,3 +286,31 @@ async def _true(value: bool) -> bool:
 
 async def _not_blocked(server: RedisServer) -> bool:
     return int((await stat(server, "clients"))["blocked_clients"]) == 0
+
+
+async def test_a_connect_cancelled_before_its_setup_answered_closes_its_socket(own_redis: RedisServer) -> None:
+    """A caller cancelled while the connection's SELECT is unanswered (the server stalled) leaves no
+    socket behind: once the server runs again it sees only the connections in use."""
+    assert own_redis.proc is not None
+    probe = pipeline(own_redis)
+    fast = AutoPipeline(f"{own_redis.url}/1", timeout_s=30.0, connect_timeout_s=5.0)  # db 1: a SELECT on connect
+    try:
+        await probe.execute("PING")
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)  # the kernel still accepts the TCP connection
+        try:
+            attempt = asyncio.ensure_future(fast.execute("PING"))
+            done, _ = await asyncio.wait({attempt}, timeout=0.5)
+            assert not done, "the stalled server cannot have answered"
+            attempt.cancel()
+            await asyncio.gather(attempt, return_exceptions=True)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+
+        async def only_the_probe_connected() -> bool:
+            return int((await stat(own_redis, "clients"))["connected_clients"]) == 2  # probe + stat's own
+
+        await eventually(only_the_probe_connected, timeout=5, what="the abandoned socket to be closed")
+        assert await fast.execute("PING") == b"PONG"  # and the next command connects afresh
+    finally:
+        await fast.aclose()
+        await probe.aclose()
