@@ -85,7 +85,6 @@ class NodeStreamReader:
         self._stream = keys.node_stream(node_id)
         self._node_id = node_id
         self._hub = hub
-        self._metrics = metrics
         self._batch = batch
         self._block_ms = block_ms
         self._on_stream_lost = on_stream_lost

@@ -154,7 +154,7 @@ class Mailbox:
         :class:`~shared.errors.StoreUnavailable` when it means "not available now", and the others
         stand. A lost or stuck connection raises StoreUnavailable for all, as for one."""
         fast = self._fast
-        if fast is None or self._durable is not None:
+        if fast is None or not self.isolates_appends:
             raise RuntimeError("append_separately needs isolates_appends")
         calls = [self._append_call(i) for i in items]
         with self._guard("mailbox_append"):

@@ -95,8 +95,9 @@ class CounterChild:
     """One labelled counter: a plain float.
 
     The services are single-threaded event loops, and the exposition runs on the same loop, so the
-    lock prometheus_client's children take on every increment buys nothing here; with the calls
-    around it, it was a tenth of the router's CPU per message at 1,000 msg/s (docs/benchmarks.md).
+    lock prometheus_client's children take on every increment buys nothing here: without it and the
+    calls around it an update costs a fifth (62 against 335 ns per ``inc``, 148 against 777 per
+    ``observe``), and the send path makes several per message.
     """
 
     __slots__ = ("created", "value")
