@@ -71,12 +71,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
 
 
 async def eventually(
-    predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+    predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0, interval: float = 0.02, what: str = ""
 ) -> None:
-    """Async version of :func:`wait_until`."""
+    """Async version of :func:`wait_until`; ``predicate`` may be a coroutine function (a Redis query)
+    or a plain condition on the test's own state."""
     deadline = time.monotonic() + timeout
     while True:
-        if await predicate():
+        holds = predicate()
+        if holds if isinstance(holds, bool) else await holds:
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")

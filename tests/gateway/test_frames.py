@@ -92,7 +92,7 @@ async def test_a_message_the_subprotocol_cannot_carry_is_skipped_and_the_next_is
         conn.offer(Envelope.create(sender="bob", channel="c", payload={"n": 2}), Recipient("alice", 2, "e1"), "routed")
         if catching_up:
             conn.begin(SequenceState(epoch="e1", last_seq=0, acked=0), 0)
-        await eventually(lambda: _true(bool(transport.written)), timeout=5, what="the second message written")
+        await eventually(lambda: bool(transport.written), timeout=5, what="the second message written")
         assert conn.close_code is None and conn.last_seq == 2
         written = bytes(transport.written)
         header = 2 if written[1] < 126 else 4  # one unmasked text frame: a 7- or 16-bit length
@@ -102,7 +102,3 @@ async def test_a_message_the_subprotocol_cannot_carry_is_skipped_and_the_next_is
         conn.close(1000)
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         await asyncio.wait(tasks, timeout=5)
-
-
-async def _true(value: bool) -> bool:
-    return value

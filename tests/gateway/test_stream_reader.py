@@ -64,14 +64,11 @@ async def test_a_failure_on_one_entry_neither_stops_the_read_nor_loses_later_ent
                 pipe.xadd(keys.node_stream(NODE), {STREAM_FIELD: StreamEntry(None, disconnect_user=user).pack()})
             await pipe.execute()
 
-    async def seen(count: int) -> bool:
-        return len(hub.seen) >= count
-
     try:
         await add("a", "boom", "b")
-        await eventually(lambda: seen(2), timeout=5, what="the entries around the failing one")
+        await eventually(lambda: len(hub.seen) >= 2, timeout=5, what="the entries around the failing one")
         await add("c")
-        await eventually(lambda: seen(3), timeout=5, what="an entry after the failure")
+        await eventually(lambda: len(hub.seen) >= 3, timeout=5, what="an entry after the failure")
         assert hub.seen == ["a", "b", "c"]
         assert not reading.done()
     finally:

@@ -37,9 +37,18 @@ async def stat(server: RedisServer, section: str) -> dict[str, Any]:
     return dict(line.split(":", 1) for line in lines if ":" in line and not line.startswith("#"))
 
 
+async def blocked(server: RedisServer) -> int:
+    """How many clients wait in a blocking command."""
+    return int((await stat(server, "clients"))["blocked_clients"])
+
+
 async def one_blocked(server: RedisServer) -> bool:
     """One client waits in a blocking command (the BLPOP a test holds the connection with)."""
-    return int((await stat(server, "clients"))["blocked_clients"]) == 1
+    return await blocked(server) == 1
+
+
+async def none_blocked(server: RedisServer) -> bool:
+    return await blocked(server) == 0
 
 
 async def test_concurrent_commands_keep_their_order_and_share_a_write(own_redis: RedisServer) -> None:
@@ -218,9 +227,9 @@ async def test_a_repeated_command_hands_over_each_reply_and_runs_again(own_redis
         for round_ in range(3):
             await feeder.execute("RPUSH", "q", *(f"{round_}-{i}" for i in range(50)))
         expected = [[b"q", f"{r}-{i}".encode()] for r in range(3) for i in range(50)]
-        await eventually(lambda: _true(len(replies) >= 150), timeout=5, what="150 replies")
+        await eventually(lambda: len(replies) >= 150, timeout=5, what="150 replies")
         assert replies[:150] == expected
-        await eventually(lambda: _true(None in replies), timeout=5, what="the BLOCK to time out once")
+        await eventually(lambda: None in replies, timeout=5, what="the BLOCK to time out once")
         await eventually(partial(one_blocked, own_redis), timeout=5, what="the read after the timeout")
         [calls] = await command_calls(own_redis, "blpop")
         assert calls == len(replies) + 1  # one in flight: written again once per reply
@@ -271,21 +280,13 @@ async def test_a_cancelled_repeat_writes_nothing_more_and_drops_the_reply_in_fli
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)
         await feeder.execute("RPUSH", "q", "late")
-        await eventually(lambda: _not_blocked(own_redis), timeout=5, what="the BLPOP in flight to be answered")
+        await eventually(partial(none_blocked, own_redis), timeout=5, what="the BLPOP in flight to be answered")
         assert await fast.execute("PING") == b"PONG"  # the dropped reply did not shift this one
         assert replies == []
         assert await command_calls(own_redis, "blpop") == (1,)
     finally:
         await feeder.aclose()
         await fast.aclose()
-
-
-async def _true(value: bool) -> bool:
-    return value
-
-
-async def _not_blocked(server: RedisServer) -> bool:
-    return int((await stat(server, "clients"))["blocked_clients"]) == 0
 
 
 async def test_a_connect_cancelled_before_its_setup_answered_closes_its_socket(own_redis: RedisServer) -> None:
