@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
-T = TypeVar("T", int, float)
+T = TypeVar("T", int, float, str)
 
 
 def csv_of(convert: Callable[[str], T], valid: Callable[[T], bool], what: str) -> Callable[[str], tuple[T, ...]]:

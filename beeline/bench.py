@@ -36,7 +36,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -64,6 +64,8 @@ from shared.auth import mint_token
 
 Mode = Literal["routed", "broadcast"]
 Form = Literal["single", "batch", "multi"]
+Placement = Literal["shared", "router-own-cpu"]
+PLACEMENTS: Final = ("shared", "router-own-cpu")
 
 READY_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 10.0
@@ -112,12 +114,14 @@ class RunSpec:
     ack_every: int
     drain_timeout_s: float
     seed: int
+    placement: Placement = "shared"
 
     @property
     def label(self) -> str:
         rate = f"{self.rate:g}/s" if self.rate else "max"
         form = self.form if self.form == "single" else f"{self.form}x{self.batch}"
-        return f"{self.mode} N={self.nodes} {form} {rate}"
+        where = "" if self.placement == "shared" else " router-own-cpu"
+        return f"{self.mode} N={self.nodes} {form} {rate}{where}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,7 @@ class BenchOptions:
 
 
 _int_list = csv_of(int, lambda i: i >= 1, "positive integers")
+_placement_list = csv_of(str, lambda p: p in PLACEMENTS, "shared or router-own-cpu")
 _float_list = csv_of(float, lambda r: r >= 0, "rates >= 0")
 
 
@@ -173,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup", type=int, default=-1, help="warm-up messages before the window (default: 2 per request in flight)"
     )
     p.add_argument("--seed", type=int, default=1, help="random seed of the receiver choice")
+    p.add_argument(
+        "--placement",
+        type=_placement_list,
+        default=("shared",),
+        help="shared: the OS places every process (default); router-own-cpu: the router alone on the last CPU "
+        "this bench may use, every other process (Redis, gateways, clients) on the rest; or a comma-separated list",
+    )
     p.add_argument("--redis-url", default="", help="use this Redis instead of starting one (keys are removed after)")
     p.add_argument("--sender-procs", type=int, default=1, help="sender worker processes (1)")
     p.add_argument("--receiver-procs", type=int, default=1, help="receiver worker processes (1)")
@@ -212,7 +224,9 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
             ack_every=ns.ack_every,
             drain_timeout_s=ns.drain_timeout,
             seed=ns.seed,
+            placement=placement,
         )
+        for placement in ns.placement
         for rate in ns.rate
         for nodes in ns.nodes
         for mode in modes
@@ -336,6 +350,58 @@ class Worker:
                 await self._reader
 
 
+class CpuPlacement:
+    """Where a run's processes may run: anywhere (``shared``), or the router alone on one CPU.
+
+    ``router-own-cpu`` is the placement an operator gets by giving the router a dedicated core (a
+    Kubernetes pod with Guaranteed QoS under the static CPU manager): the bench itself, and so Redis, the
+    gateways and the client workers it starts, keep to the other CPUs, and the router is moved to the
+    last CPU once started. Linux only; it needs at least two CPUs.
+    """
+
+    def __init__(self, placement: Placement) -> None:
+        self.placement = placement
+        self.router_cpu: int | None = None
+        self.others: set[int] = set()
+        self._saved: set[int] | None = None
+
+    def enter(self) -> None:
+        """Keeps this process, and every process it starts from now on, off the router's CPU."""
+        if self.placement == "shared":
+            return
+        if not hasattr(os, "sched_setaffinity"):
+            raise BenchError("--placement router-own-cpu needs Linux (sched_setaffinity)")
+        allowed = os.sched_getaffinity(0)
+        if len(allowed) < 2:
+            raise BenchError(f"--placement router-own-cpu needs at least 2 CPUs; this process may use {len(allowed)}")
+        self.router_cpu = max(allowed)
+        self.others = allowed - {self.router_cpu}
+        self._saved = allowed
+        os.sched_setaffinity(0, self.others)
+
+    def pin_router(self, pid: int) -> None:
+        if self.router_cpu is not None:
+            os.sched_setaffinity(pid, {self.router_cpu})
+
+    def leave(self) -> None:
+        if self._saved is not None:
+            os.sched_setaffinity(0, self._saved)
+            self._saved = None
+
+    def report(self, pids: Mapping[str, int]) -> dict[str, Any]:
+        """The placement asked for, and the CPUs each of ``pids`` may run on now (as the kernel says)."""
+        allowed: dict[str, list[int]] = {}
+        for name, pid in pids.items():
+            with contextlib.suppress(OSError):  # gone already
+                allowed[name] = sorted(os.sched_getaffinity(pid))
+        return {
+            "placement": self.placement,
+            "router_cpu": self.router_cpu,
+            "other_cpus": sorted(self.others),
+            "allowed_cpus": allowed,
+        }
+
+
 @dataclass
 class Stack:
     """Redis (started here unless a URL is given), N gateways and a router for one run."""
@@ -354,6 +420,7 @@ class Stack:
     killed: list[str] = field(default_factory=list)  # did not stop on SIGTERM within STOP_TIMEOUT_S
     stop_seconds: dict[str, float] = field(default_factory=dict)
     killed_log_tail: dict[str, list[str]] = field(default_factory=dict)  # what a killed server last said
+    placement: CpuPlacement = field(default_factory=lambda: CpuPlacement("shared"))
 
     @property
     def router_url(self) -> str:
@@ -378,6 +445,7 @@ class Stack:
         return self.redis_child.pid if self.redis_child is not None else None
 
     async def start(self, session: aiohttp.ClientSession) -> None:
+        self.placement.enter()
         await self._start_redis()
         env = {k: v for k, v in os.environ.items() if k != "BEELINE_REDIS_CLUSTER"}
         for key, value in SERVER_DEFAULTS.items():
@@ -402,6 +470,8 @@ class Stack:
         child = Child("router", [sys.executable, "-m", "router"], router_env, str(self.workdir), False, 1)
         await child.start()
         self.router = (port, child)
+        if child.pid is not None:
+            self.placement.pin_router(child.pid)
         waits = [self._wait_ready(session, c, p) for _n, p, c in self.gateways]
         await asyncio.gather(*waits, self._wait_ready(session, child, port))
 
@@ -461,6 +531,7 @@ class Stack:
                 await delete_prefix(self.redis_url, self.key_prefix)
         if self.redis_child is not None:
             await self._stop_child(self.redis_child)
+        self.placement.leave()
 
     async def _stop_child(self, child: Child) -> None:
         if child.proc is None:
@@ -593,7 +664,7 @@ class Progress:
 
 RUN_FIELDS: Final = (
     "label", "mode", "nodes", "users", "form", "batch", "messages", "offered_rate", "concurrency",
-    "payload_bytes", "subprotocol", "ack_every", "sent", "accepted", "delivered", "lost", "duplicated",
+    "payload_bytes", "subprotocol", "ack_every", "placement", "sent", "accepted", "delivered", "lost", "duplicated",
     "misrouted", "send_errors", "latency_ms", "achieved_rate", "delivery_rate", "sender_lag_p99_ms", "window_s",
     "redis", "cpu", "peak_rss_mb", "receivers_closed", "servers_exited", "router_log_tail", "servers_killed",
     "killed_log_tail", "stop_seconds", "pids", "loadavg_before", "other_busy_processes", "ok",
@@ -839,6 +910,7 @@ class BenchRun:
         gateways_s = round(sum(cpu.get(n, 0.0) for n in gateway_names), 3)
         clients_s = round(sum(cpu.get(n, 0.0) for n in self._client_pids()), 3)
         died = self.stack.exited()
+        pids = self.stack.all_pids() | {w.name: w.pid for w in self.workers}
         return {
             "label": spec.label,
             "mode": spec.mode,
@@ -852,6 +924,7 @@ class BenchRun:
             "payload_bytes": spec.payload_bytes,
             "subprotocol": spec.subprotocol,
             "ack_every": spec.ack_every,
+            "placement": self.stack.placement.report(pids),
             "sent": sent,
             "accepted": counts.expected,
             "delivered": delivered,
@@ -896,7 +969,7 @@ class BenchRun:
             "servers_exited": died,
             # What the router said when it refused sends (its log level is warning: errors only).
             "router_log_tail": self.stack.router_output().splitlines()[-20:] if errors else [],
-            "pids": self.stack.all_pids() | {w.name: w.pid for w in self.workers},
+            "pids": pids,
             "loadavg_before": [],
             "other_busy_processes": [],
             "ok": sent == spec.messages and delivered == sent and counts.duplicated == 0 and not died,
@@ -924,7 +997,7 @@ async def run_once(spec: RunSpec, opts: BenchOptions, progress: Progress, machin
     """Starts a fresh system, runs ``spec`` against it, stops everything; returns the run's report."""
     loadavg = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="beeline-bench-") as tmp:
-        stack = Stack(spec.mode, spec.nodes, opts.redis_url, Path(tmp))
+        stack = Stack(spec.mode, spec.nodes, opts.redis_url, Path(tmp), placement=CpuPlacement(spec.placement))
         probe: RedisProbe | None = None
         run: BenchRun | None = None
         try:

@@ -15,6 +15,8 @@ multi    N = 4, both modes, as fast as it goes, one message to 50 receivers per 
 sustain  N = 4, both modes: the highest offered rate whose p99 stays under 50 ms with every message
          delivered and the offered rate achieved, in single, batch (50 per request) and multi (one
          message to 50 receivers per request; rates are deliveries/s) forms
+placement  N = 4, both modes, 1,000 msg/s, with the OS placing every process and with the router alone on
+         a CPU of its own (``--placement router-own-cpu``), alternating, three times each
 idle     10,000 idle connections on one gateway
 plots    docs/bench_*.png and bench/results/tables.md
 
@@ -40,7 +42,8 @@ from types import MappingProxyType
 from typing import Any, Final
 
 ROOT: Final = Path(__file__).resolve().parent.parent
-STEPS: Final = ("matrix", "matrix500", "sweep", "max", "multi", "sustain", "idle", "plots")
+STEPS: Final = ("matrix", "matrix500", "sweep", "max", "multi", "sustain", "placement", "idle", "plots")
+PLACEMENT_REPEATS: Final = 3
 P99_BOUND_MS: Final = 50.0
 
 # The issue's reference figures for other systems (Redis bytes out per message at N = 1, 4, 8).
@@ -244,6 +247,34 @@ def sustain_summary(runs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def placement_table(runs: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| mode | placement | p50 / p99 ms | router CPU s/1k | gateways CPU s/1k | server CPU ms/msg "
+        "| Redis CPU s/1k | client CPU s/1k |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(runs, key=lambda r: (r["mode"] != "routed", r["placement"]["placement"])):
+        lat, cpu = r["latency_ms"], r["cpu"]
+        lines.append(
+            f"| {r['mode']} | {r['placement']['placement']} | {fmt(lat['p50'])} / {fmt(lat['p99'])} "
+            f"| {fmt(cpu['router_s_per_1k'], '{:.3f}')} | {fmt(cpu['gateways_s_per_1k'], '{:.3f}')} "
+            f"| {fmt(cpu['server_ms_per_msg'], '{:.3f}')} | {fmt(r['redis']['cpu_s_per_1k'], '{:.3f}')} "
+            f"| {fmt(cpu['clients_s_per_1k'], '{:.3f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def step_placement(common: list[str], results: Path) -> None:
+    """The same runs with both placements, alternating, so that both see the machine's same hours."""
+    reports = []
+    for i in range(PLACEMENT_REPEATS):
+        args = [*common, "--nodes", "4", "--mode", "both", "--rate", "1000", "--placement", "shared,router-own-cpu"]
+        reports.append(bench(args, results / f"placement-{i + 1}.json"))
+    merge(reports, results / "placement.json")
+    for i in range(PLACEMENT_REPEATS):
+        (results / f"placement-{i + 1}.json").unlink()
+
+
 def step_plots(results: Path, docs: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from beeline.bench_plot import plot_cpu, plot_latency_vs_rate, plot_redis_bytes  # noqa: PLC0415
@@ -279,6 +310,9 @@ def step_plots(results: Path, docs: Path) -> None:
     sustain = load(results, "sustain")
     if sustain:
         tables += ["## sustain", sustain_summary(sustain["runs"]), short_table(sustain["runs"])]
+    placement = load(results, "placement")
+    if placement:
+        tables += ["## placement", placement_table(placement["runs"])]
     idle = load(results, "idle")
     if idle:
         tables += ["## idle", "```json", json.dumps(idle["idle"], indent=2), "```"]
@@ -319,6 +353,8 @@ def run_step(step: str, ns: argparse.Namespace, common: list[str], results: Path
         bench([*common, "--nodes", "4", "--mode", "both", *multi_args], results / "multi.json")
     elif step == "sustain":
         step_sustain(common, ns.batch_messages, results)
+    elif step == "placement":
+        step_placement(common, results)
     elif step == "idle":
         bench(["--idle-connections", str(ns.idle_connections), "--quiet"], results / "idle.json")
     elif step == "plots":

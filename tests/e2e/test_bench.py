@@ -143,6 +143,36 @@ def test_batch_and_multi_forms_deliver_every_message(tmp_path: Path) -> None:
 
 
 @pytest.mark.redis
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_router_own_cpu_placement_keeps_everything_else_off_the_routers_cpu(tmp_path: Path) -> None:
+    _proc, report = run_bench(
+        tmp_path,
+        *("--nodes", "2", "--users", "20", "--messages", "100", "--warmup", "10"),
+        *("--placement", "router-own-cpu,shared"),
+    )
+    own, shared = report["runs"]
+    mine = sorted(os.sched_getaffinity(0))
+    placement = own["placement"]
+    assert own["label"].endswith("router-own-cpu")
+    assert placement["router_cpu"] == mine[-1]
+    assert placement["other_cpus"] == mine[:-1]
+    # As the kernel reported while the run was live: the router alone on its CPU, every other process
+    # the bench started (Redis, both gateways, the client workers) on the rest.
+    allowed = placement["allowed_cpus"]
+    assert {"router", "redis", "gw1", "gw2", "receivers-1", "sender-1"} <= set(allowed)
+    assert allowed["router"] == [mine[-1]]
+    assert all(cpus == mine[:-1] for name, cpus in allowed.items() if name != "router"), allowed
+    # The bench took its own CPUs back after that run: the next one's processes may run anywhere.
+    assert shared["placement"]["placement"] == "shared"
+    assert shared["placement"]["allowed_cpus"]
+    assert all(cpus == mine for cpus in shared["placement"]["allowed_cpus"].values()), shared["placement"]
+    for run in (own, shared):
+        assert run["delivered"] == run["sent"] == 100, run
+        assert run["duplicated"] == 0
+        assert {name: pid for name, pid in run["pids"].items() if alive(pid)} == {}
+
+
+@pytest.mark.redis
 def test_idle_connections_report(tmp_path: Path) -> None:
     proc, report = run_bench(tmp_path, "--idle-connections", "200")
     idle = report["idle"]
