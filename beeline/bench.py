@@ -419,7 +419,9 @@ class Stack:
     key_prefix: str = "beeline"
     killed: list[str] = field(default_factory=list)  # did not stop on SIGTERM within STOP_TIMEOUT_S
     stop_seconds: dict[str, float] = field(default_factory=dict)
-    killed_log_tail: dict[str, list[str]] = field(default_factory=dict)  # what a killed server last said
+    # What a server that did not stop cleanly (killed, or a non-zero exit) last said.
+    killed_log_tail: dict[str, list[str]] = field(default_factory=dict)
+    stop_exit_codes: dict[str, int | None] = field(default_factory=dict)
     placement: CpuPlacement = field(default_factory=lambda: CpuPlacement("shared"))
 
     @property
@@ -550,6 +552,9 @@ class Stack:
                     child.proc.kill()
         await child.wait()  # reaps it and drains its output pipe
         self.stop_seconds[child.name] = round(time.monotonic() - started, 2)
+        self.stop_exit_codes[child.name] = child.returncode
+        if child.returncode != 0 and child.name not in self.killed:
+            self.killed_log_tail[child.name] = child.output().splitlines()[-20:]
 
 
 async def delete_prefix(url: str, prefix: str) -> None:
@@ -667,7 +672,7 @@ RUN_FIELDS: Final = (
     "payload_bytes", "subprotocol", "ack_every", "placement", "sent", "accepted", "delivered", "lost", "duplicated",
     "misrouted", "send_errors", "latency_ms", "achieved_rate", "delivery_rate", "sender_lag_p99_ms", "window_s",
     "redis", "cpu", "peak_rss_mb", "receivers_closed", "servers_exited", "router_log_tail", "servers_killed",
-    "killed_log_tail", "stop_seconds", "pids", "loadavg_before", "other_busy_processes", "ok",
+    "stop_exit_codes", "killed_log_tail", "stop_seconds", "pids", "loadavg_before", "other_busy_processes", "ok",
 )  # fmt: skip
 """Every key of a run's JSON report (the smoke test checks them)."""
 
@@ -988,6 +993,7 @@ async def _teardown(progress: Progress, run: BenchRun | IdleRun | None, probe: R
 
 def _with_stop_facts(result: dict[str, Any], stack: Stack) -> dict[str, Any]:
     result["servers_killed"] = stack.killed
+    result["stop_exit_codes"] = stack.stop_exit_codes
     result["killed_log_tail"] = stack.killed_log_tail
     result["stop_seconds"] = stack.stop_seconds
     return result
@@ -1035,6 +1041,7 @@ IDLE_FIELDS: Final = (
     "gateway_rss_before_kb", "gateway_rss_after_kb", "rss_per_connection_kb", "gateway_peak_rss_mb",
     "gateway_cpu_s_connecting", "redis_commands_per_connection", "redis_bytes_in_per_connection",
     "nodes_view_connections", "client_peak_rss_mb", "pids", "rss_target_kb", "within_rss_target", "servers_killed",
+    "stop_exit_codes",
     "stop_seconds",
     "loadavg_before", "ok",
 )  # fmt: skip

@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import importlib
 import sys
-from collections.abc import Callable
-from typing import Final, Protocol
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
 from shared.config import CommonConfig
 from shared.errors import ConfigError
+from shared.logs import get_logger
+
+log = get_logger("beeline.runtime")
+
+STOP_GRACE_S: Final = 2.0
+"""How far past its shutdown timeout a stop may run before the process reports what is stuck and exits."""
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -119,11 +127,13 @@ def serve(
     tune_gc()
     asyncio.set_event_loop(loop)
     main = loop.create_task(_run(app, cfg, front, shutdown_timeout_s))
+    watchdog: StopWatchdog | None = None
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
         pass
     finally:
+        watchdog = StopWatchdog(service, loop, shutdown_timeout_s + STOP_GRACE_S)
         if not main.done():
             main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -133,9 +143,68 @@ def serve(
             task.cancel()
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
+        watchdog.disarm()
         loop.close()
         asyncio.set_event_loop(None)
     return 0
+
+
+class StopWatchdog:
+    """Bounds a service's stop: past ``limit_s`` it logs each task still pending with the chain of
+    awaits it is stuck in (``stop_overran``), and a second later the process exits with status 1.
+
+    Each step of the stop has its own timeout; this is for a step that ignores it (a task that does not
+    end when cancelled, an await with no deadline), which would otherwise hang until an orchestrator's
+    SIGKILL and leave nothing to say which step it was. The exit comes from faulthandler's timer thread,
+    so it also fires when the event loop itself is blocked; it dumps every thread's stack to stderr first.
+    """
+
+    def __init__(self, service: str, loop: asyncio.AbstractEventLoop, limit_s: float) -> None:
+        self._service = service
+        self._loop = loop
+        self._timer = loop.call_later(limit_s, self._report)
+        faulthandler.dump_traceback_later(limit_s + 1.0, exit=True)
+
+    def _report(self) -> None:
+        pending = [task for task in asyncio.all_tasks(self._loop) if not task.done()]
+        log.error(
+            "stop_overran",
+            service=self._service,
+            pending=[f"{task.get_name()}: {' -> '.join(await_chain(task.get_coro()))}" for task in pending],
+        )
+
+    def disarm(self) -> None:
+        self._timer.cancel()
+        faulthandler.cancel_dump_traceback_later()
+
+
+def await_chain(coro: Coroutine[Any, Any, Any] | Any) -> list[str]:
+    """Where a suspended coroutine waits: each coroutine (or async generator) in its chain of awaits,
+    outermost first."""
+    chain = []
+    while coro is not None:
+        frame = _frame(coro)
+        if frame is None:
+            break
+        chain.append(f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})")
+        awaited = (
+            getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) or getattr(coro, "ag_await", None)
+        )
+        if awaited is not None and _frame(awaited) is None:
+            # An async generator's ``asend`` hides its generator; contextlib's async context managers
+            # (aiohttp's cleanup_ctx, every service lifecycle) await one, and keep it as ``self.gen``.
+            generator = getattr(frame.f_locals.get("self"), "gen", None)
+            awaited = generator if generator is not None and _frame(generator) is not None else awaited
+        coro = awaited
+    return chain
+
+
+def _frame(awaitable: Any) -> Any:
+    for name in ("cr_frame", "gi_frame", "ag_frame"):
+        frame = getattr(awaitable, name, None)
+        if frame is not None:
+            return frame
+    return None
 
 
 async def _run(app: web.Application, cfg: CommonConfig, front: FrontFactory | None, shutdown_timeout_s: float) -> None:

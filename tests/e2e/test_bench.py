@@ -112,6 +112,10 @@ def test_smoke_run_delivers_every_message_once_in_both_modes(tmp_path: Path) -> 
         assert run["peak_rss_mb"]["router"] > 0
         assert run["achieved_rate"] > 0
         assert run["servers_exited"] == []
+        # Every server stopped on SIGTERM by itself, with status 0 (none killed, none cut off).
+        assert run["servers_killed"] == []
+        assert set(run["stop_exit_codes"]) == {"router", "gw1", "gw2", "redis"}
+        assert set(run["stop_exit_codes"].values()) == {0}, run["stop_exit_codes"]
         # Every process it started is gone once it has exited.
         left = {name: pid for name, pid in run["pids"].items() if alive(pid)}
         assert left == {}, f"still running after beeline bench exited: {left}"
