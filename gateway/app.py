@@ -44,6 +44,7 @@ from shared.nodes import NodeInfo
 from shared.protocol import SUBPROTOCOLS, CloseCode, ErrorCode, codec_for, error_frame, parse_send
 from shared.redis import RedisClient, create_autopipeline, create_redis, describe_target
 from shared.routing import Message, Sender
+from shared.runtime import stop_task
 from shared.store import Store
 
 log = get_logger("beeline.gateway")
@@ -51,7 +52,6 @@ log = get_logger("beeline.gateway")
 MAX_REF_LEN: Final = 256
 HANDSHAKE_DONE: Final = "beeline.handshake_done"
 RESYNC_BATCH: Final = 500
-TASK_STOP_TIMEOUT_S: Final = 2.0
 """Users whose sequence state one pipelined round trip fetches when a node resyncs after a lapse."""
 
 
@@ -188,7 +188,7 @@ class Gateway:
         self.draining = True
         log.info("gateway_draining", node_id=self.node_id, connections=len(self.hub))
         # No more beats: a beat would put the node back in the registry.
-        await _cancel(self._heartbeat_task)
+        await stop_task(self._heartbeat_task)
         with contextlib.suppress(StoreUnavailable):
             await self.registry.leave(self.node_id)
             await self.presence.reap(self.node_id, keep_stream=True)
@@ -215,8 +215,8 @@ class Gateway:
             log.warning("drain_timed_out", node_id=self.node_id)
         try:
             async with asyncio.timeout_at(deadline):
-                await _cancel(self._heartbeat_task)
-                await _cancel(self._reader_task)
+                await stop_task(self._heartbeat_task)
+                await stop_task(self._reader_task)
                 with contextlib.suppress(StoreUnavailable):
                     await self.presence.reap(self.node_id)  # now the stream too: nobody reads it any more
                 if self._handlers:
@@ -411,20 +411,6 @@ class Gateway:
         limit = conn.ack_limit(seq)
         if limit > 0:
             await self.mailbox.ack(conn.user_id, conn.epoch, limit)
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    """Cancels an owned task and waits for it, but never longer than TASK_STOP_TIMEOUT_S: a task stuck
-    in its cleanup (a client library's close) must not keep the process from exiting in bounded time."""
-    if task is None or task.done():
-        return
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=TASK_STOP_TIMEOUT_S)
-    if not done:
-        log.warning("task_did_not_stop", task=task.get_name(), timeout_s=TASK_STOP_TIMEOUT_S)
-        return
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("task_failed_on_stop", task=task.get_name(), error=repr(task.exception()))
 
 
 class RateLimiter:

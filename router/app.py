@@ -25,6 +25,7 @@ from shared.logs import get_logger
 from shared.metrics import Metrics
 from shared.redis import describe_target
 from shared.routing import Sender
+from shared.runtime import stop_task
 from shared.store import Store
 
 log = get_logger("beeline.router")
@@ -72,11 +73,8 @@ class Router:
             await asyncio.sleep(period)
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-            self._refresher = None
+        await stop_task(self._refresher)
+        self._refresher = None
         if self._store is not None:
             await self._store.aclose()
             self._store = None

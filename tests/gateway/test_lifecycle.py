@@ -1,4 +1,5 @@
-"""The gateway's own task handling on stop: bounded, whatever a task does in its cleanup."""
+"""How the services stop the tasks they own (``shared.runtime.stop_task``): bounded, whatever a task does
+in its cleanup."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from gateway import app as gateway_app
+from shared.runtime import stop_task
 
 
 async def started_task(cleanup: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
@@ -27,17 +28,16 @@ async def started_task(cleanup: Callable[[], Awaitable[None]]) -> asyncio.Task[N
     return task
 
 
-async def test_cancelling_a_task_stuck_in_its_cleanup_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_cancelling_a_task_stuck_in_its_cleanup_is_bounded() -> None:
     """A task whose cleanup waits on something that never comes (as a client library's close racing a
-    read can) must not hold the stop: ``_cancel`` gives up after its bound and leaves it behind."""
-    monkeypatch.setattr(gateway_app, "TASK_STOP_TIMEOUT_S", 0.2)
+    read can) must not hold the stop: ``stop_task`` gives up after its bound and leaves it behind."""
     never = asyncio.Event()
 
     async def wait_for_never() -> None:
         await asyncio.shield(never.wait())
 
     task = await started_task(wait_for_never)
-    await asyncio.wait_for(gateway_app._cancel(task), timeout=5)
+    await asyncio.wait_for(stop_task(task, timeout_s=0.2), timeout=5)
     assert not task.done(), "the stuck task was left behind, not awaited forever"
     never.set()
     with pytest.raises(asyncio.CancelledError):
@@ -52,5 +52,5 @@ async def test_cancelling_a_well_behaved_task_waits_for_it() -> None:
         cleaned.set()
 
     task = await started_task(clean)
-    await gateway_app._cancel(task)
+    await stop_task(task)
     assert task.cancelled() and cleaned.is_set()

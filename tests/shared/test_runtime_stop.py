@@ -6,6 +6,7 @@ SIGTERM as Kubernetes would."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,9 +14,12 @@ import sys
 import textwrap
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from shared.runtime import STOP_GRACE_S, await_chain
+import pytest
+
+from shared.runtime import STOP_GRACE_S, await_chain, new_event_loop, stop_task
 from tests.support import free_port, wait_until
 
 SHUTDOWN_TIMEOUT_S = 1.0
@@ -126,3 +130,94 @@ def test_await_chain_walks_from_the_task_to_the_innermost_await() -> None:
     chain = asyncio.run(main())
     assert [c.split(" ")[0] for c in chain] == ["outer", "inner", "wait"]
     assert await_chain(None) == []
+
+
+# -- stop_task: an owned task ends even when a cancel is lost ------------------------------------------
+
+
+async def _loop_over_wait_for(calls: asyncio.Queue[asyncio.Future[None]]) -> None:
+    # A background loop over Redis calls, as the router's node-registry refresher is: redis-py wraps
+    # each socket write in wait_for. Each "call" is a future the test completes.
+    loop = asyncio.get_running_loop()
+    while True:
+        call: asyncio.Future[None] = loop.create_future()
+        calls.put_nowait(call)
+        await asyncio.wait_for(call, 5)
+        await asyncio.sleep(0.01)
+
+
+async def _cancel_as_a_call_completes(stop: Callable[[asyncio.Task[None]], Awaitable[None]]) -> asyncio.Task[None]:
+    """Starts the loop, completes its call and cancels it in the same loop turn: the race that makes
+    Python 3.11's wait_for return the call's result instead of raising (CPython gh-86296)."""
+    calls: asyncio.Queue[asyncio.Future[None]] = asyncio.Queue()
+    task = asyncio.create_task(_loop_over_wait_for(calls), name="refresher")
+    call = await calls.get()
+    await asyncio.sleep(0)  # the task now waits inside wait_for
+    call.set_result(None)
+    await stop(task)
+    return task
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="wait_for keeps a cancel from Python 3.12 on")
+def test_a_single_cancel_is_lost_when_it_lands_as_the_call_completes() -> None:
+    async def cancel_once(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+
+    async def main() -> bool:
+        task = await _cancel_as_a_call_completes(cancel_once)
+        survived = not task.done()
+        await stop_task(task)
+        return survived
+
+    assert asyncio.run(main()), "the premise of stop_task's repeated cancel no longer holds"
+
+
+def test_stop_task_ends_a_loop_whose_first_cancel_is_lost() -> None:
+    async def main() -> asyncio.Task[None]:
+        return await _cancel_as_a_call_completes(stop_task)
+
+    for make_loop in (asyncio.new_event_loop, lambda: new_event_loop("auto")):
+        loop = make_loop()
+        try:
+            task = loop.run_until_complete(main())
+        finally:
+            loop.close()
+        assert task.done() and task.cancelled()
+
+
+def test_stop_task_gives_up_on_a_task_that_ignores_cancel_and_lets_a_cleanup_finish() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+        cleaned = asyncio.Event()
+
+        async def stubborn() -> None:
+            while not release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(1)
+
+        async def tidy() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await asyncio.sleep(0.05)  # a short cleanup after the cancel: within RECANCEL_S
+                cleaned.set()
+
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(stubborn(), name="stubborn")
+        await asyncio.sleep(0)  # running, inside its loop
+        started = loop.time()
+        await stop_task(task, timeout_s=0.5)
+        assert not task.done()  # bounded: it returned although the task runs on
+        assert 0.5 <= loop.time() - started < 2.0
+        release.set()
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+        assert task.done()
+
+        tidy_task = asyncio.create_task(tidy())
+        await asyncio.sleep(0)
+        await stop_task(tidy_task, timeout_s=2.0)
+        assert cleaned.is_set() and tidy_task.cancelled()
+
+    asyncio.run(main())
