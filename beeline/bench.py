@@ -69,6 +69,8 @@ PLACEMENTS: Final = ("shared", "router-own-cpu")
 
 READY_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 10.0
+SLOW_STOP_S: Final = 1.0
+"""A server that takes longer than this to stop has its log tail kept (it says which bound it waited on)."""
 WORKER_TIMEOUT_S: Final = 120.0
 PROGRESS_S: Final = 0.25
 PRESENCE_CHUNK: Final = 1000
@@ -419,7 +421,7 @@ class Stack:
     key_prefix: str = "beeline"
     killed: list[str] = field(default_factory=list)  # did not stop on SIGTERM within STOP_TIMEOUT_S
     stop_seconds: dict[str, float] = field(default_factory=dict)
-    # What a server that did not stop cleanly (killed, or a non-zero exit) last said.
+    # What a server that did not stop cleanly (killed, a non-zero exit, or slower than SLOW_STOP_S) last said.
     killed_log_tail: dict[str, list[str]] = field(default_factory=dict)
     stop_exit_codes: dict[str, int | None] = field(default_factory=dict)
     placement: CpuPlacement = field(default_factory=lambda: CpuPlacement("shared"))
@@ -553,7 +555,8 @@ class Stack:
         await child.wait()  # reaps it and drains its output pipe
         self.stop_seconds[child.name] = round(time.monotonic() - started, 2)
         self.stop_exit_codes[child.name] = child.returncode
-        if child.returncode != 0 and child.name not in self.killed:
+        slow = self.stop_seconds[child.name] > SLOW_STOP_S
+        if (child.returncode != 0 or slow) and child.name not in self.killed:
             self.killed_log_tail[child.name] = child.output().splitlines()[-20:]
 
 
