@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import aiohttp
 import redis.asyncio
@@ -65,7 +65,7 @@ from shared.auth import mint_token
 Mode = Literal["routed", "broadcast"]
 Form = Literal["single", "batch", "multi"]
 Placement = Literal["shared", "router-own-cpu"]
-PLACEMENTS: Final = ("shared", "router-own-cpu")
+PLACEMENTS: Final = get_args(Placement)
 
 READY_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 10.0
@@ -553,10 +553,9 @@ class Stack:
                 with contextlib.suppress(ProcessLookupError):
                     child.proc.kill()
         await child.wait()  # reaps it and drains its output pipe
-        self.stop_seconds[child.name] = round(time.monotonic() - started, 2)
+        took = self.stop_seconds[child.name] = round(time.monotonic() - started, 2)
         self.stop_exit_codes[child.name] = child.returncode
-        slow = self.stop_seconds[child.name] > SLOW_STOP_S
-        if (child.returncode != 0 or slow) and child.name not in self.killed:
+        if (child.returncode != 0 or took > SLOW_STOP_S) and child.name not in self.killed:
             self.killed_log_tail[child.name] = child.output().splitlines()[-20:]
 
 

@@ -343,8 +343,8 @@ class Metrics:
         self._redis_ops: dict[str, _RedisOpMetrics] = {}
         self._http: dict[tuple[str, int], tuple[CounterChild, HistogramChild]] = {}
         self._delivered: dict[str, tuple[HistogramChild, CounterChild]] = {}  # per path; filled for gateways
-        # The children the send path touches per message, looked up once: ``labels()`` takes a lock
-        # and a tuple key each time, several per send.
+        # The children the send path touches per message, looked up once: ``labels()`` builds a tuple
+        # key of strings each time, several per send.
         self._outcomes: dict[str, CounterChild] = {}
         self._appends = self.mailbox_appends.labels(service)
         self._trims = self.mailbox_trims.labels(service)

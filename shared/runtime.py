@@ -1,4 +1,5 @@
-"""Process runtime of a service: which asyncio event loop it runs on, and how the GC is tuned.
+"""Process runtime of a service: which asyncio event loop it runs on, how the GC is tuned, and how it
+stops (bounded, whatever a task or a cleanup step does).
 
 uvloop (libuv) cuts the loop's own cost and the cost of socket writes, which together were about
 45 % of the router's CPU under load in the py-spy profile (docs/benchmarks.md has the before/after
@@ -14,7 +15,7 @@ import faulthandler
 import gc
 import importlib
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -156,7 +157,6 @@ def serve(
     tune_gc()
     asyncio.set_event_loop(loop)
     main = loop.create_task(_run(app, cfg, front, shutdown_timeout_s))
-    watchdog: StopWatchdog | None = None
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
@@ -206,7 +206,7 @@ class StopWatchdog:
         faulthandler.cancel_dump_traceback_later()
 
 
-def await_chain(coro: Coroutine[Any, Any, Any] | Any) -> list[str]:
+def await_chain(coro: object) -> list[str]:
     """Where a suspended coroutine waits: each coroutine (or async generator) in its chain of awaits,
     outermost first."""
     chain = []
