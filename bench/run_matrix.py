@@ -57,25 +57,7 @@ REFERENCE_BYTES_OUT: Final = MappingProxyType(
 )
 SUSTAIN_RATES: Final = MappingProxyType(
     {
-        "single": (
-            500,
-            1000,
-            1500,
-            2000,
-            2500,
-            3000,
-            3500,
-            4000,
-            5000,
-            6000,
-            8000,
-            10000,
-            11000,
-            12000,
-            14000,
-            15000,
-            16000,
-        ),
+        "single": (*range(500, 4001, 500), 5000, 6000, 8000, 10000, 11000, 12000, 14000, 15000, 16000),
         "batch": (4000, 6000, 8000, 10000, 12000, 14000, 16000, 18000, 20000, 25000, 30000, 35000),
         "multi": (5000, 10000, 12500, 15000, 17500, 20000, 25000, 30000, 35000, 40000, 45000),
     }
@@ -148,6 +130,14 @@ def bench(args: Sequence[str], out: Path) -> dict[str, Any]:
     return report
 
 
+def bench_part(args: Sequence[str], part: Path) -> dict[str, Any]:
+    """:func:`bench` for one part of a step's report: its file is removed once read (:func:`merge`
+    writes the step's)."""
+    report = bench(args, part)
+    part.unlink()
+    return report
+
+
 def merge(reports: Sequence[dict[str, Any]], out: Path) -> dict[str, Any]:
     merged = dict(reports[0])
     merged["runs"] = [run for report in reports for run in report.get("runs", [])]
@@ -175,9 +165,8 @@ def step_sustain(common: list[str], batch_messages: int, results: Path) -> None:
                     extra = ["--form", form, "--messages", str(max(10_000, 5 * rate))]
                 passed = False
                 for attempt in (1, 2):
-                    tmp = results / f"sustain-{form}-{mode}-{rate}-{attempt}.json"
-                    report = bench([*common, "--nodes", "4", "--mode", mode, *extra, "--rate", str(rate)], tmp)
-                    tmp.unlink()
+                    part = results / f"sustain-{form}-{mode}-{rate}-{attempt}.json"
+                    report = bench_part([*common, "--nodes", "4", "--mode", mode, *extra, "--rate", str(rate)], part)
                     run = report["runs"][0]
                     run["attempt"] = attempt
                     reports.append(report)
@@ -284,13 +273,9 @@ def placement_table(runs: Sequence[dict[str, Any]]) -> str:
 
 def step_placement(common: list[str], results: Path) -> None:
     """The same runs with both placements, alternating, so that both see the machine's same hours."""
-    reports = []
-    for i in range(PLACEMENT_REPEATS):
-        args = [*common, "--nodes", "4", "--mode", "both", "--rate", "1000", "--placement", "shared,router-own-cpu"]
-        reports.append(bench(args, results / f"placement-{i + 1}.json"))
+    args = [*common, "--nodes", "4", "--mode", "both", "--rate", "1000", "--placement", "shared,router-own-cpu"]
+    reports = [bench_part(args, results / f"placement-{i + 1}.json") for i in range(PLACEMENT_REPEATS)]
     merge(reports, results / "placement.json")
-    for i in range(PLACEMENT_REPEATS):
-        (results / f"placement-{i + 1}.json").unlink()
 
 
 def step_plots(results: Path, docs: Path) -> None:
@@ -347,16 +332,11 @@ def run_step(step: str, ns: argparse.Namespace, common: list[str], results: Path
         rates = "250,500,1000,2000,4000,6000,8000,10000"
         bench([*common, "--nodes", "4", "--mode", "both", "--rate", rates], results / "sweep.json")
     elif step == "max":
-        single = bench([*common, "--nodes", "4", "--mode", "both"], results / "max-single.json")
+        single = bench_part([*common, "--nodes", "4", "--mode", "both"], results / "max-single.json")
         batch_args = ["--form", "batch", "--batch", "50", "--concurrency", "16"]
         batch_args += ["--messages", str(ns.batch_messages)]  # the last --messages wins
-        batch = bench(
-            [*common, "--nodes", "4", "--mode", "both", *batch_args],
-            results / "max-batch.json",
-        )
+        batch = bench_part([*common, "--nodes", "4", "--mode", "both", *batch_args], results / "max-batch.json")
         merge([single, batch], results / "max.json")
-        (results / "max-single.json").unlink()
-        (results / "max-batch.json").unlink()
     elif step == "multi":
         multi_args = [
             "--form",
