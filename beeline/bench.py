@@ -32,6 +32,7 @@ import os
 import random
 import resource
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -40,7 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, cast, get_args
 
 import aiohttp
 import redis.asyncio
@@ -62,7 +63,8 @@ from beeline.bench_stats import (
 from beeline.demo import Child, free_port, ping_redis, redis_server_binary
 from shared.auth import mint_token
 
-Mode = Literal["routed", "broadcast"]
+Mode = Literal["routed", "broadcast", "socketio"]
+MODES: Final = get_args(Mode)
 Form = Literal["single", "batch", "multi"]
 Placement = Literal["shared", "router-own-cpu"]
 PLACEMENTS: Final = get_args(Placement)
@@ -143,6 +145,7 @@ class BenchOptions:
 _int_list = csv_of(int, lambda i: i >= 1, "positive integers")
 _placement_list = csv_of(str, lambda p: p in PLACEMENTS, "shared or router-own-cpu")
 _float_list = csv_of(float, lambda r: r >= 0, "rates >= 0")
+_mode_list = csv_of(str, lambda m: m in (*MODES, "both"), "routed, broadcast, both or socketio")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--concurrency", type=int, default=64, help="HTTP requests in flight at most (64)")
     p.add_argument("--payload-bytes", type=int, default=95, help="JSON size of each message object (95)")
-    p.add_argument("--mode", choices=("routed", "broadcast", "both"), default="routed", help="BEELINE_ROUTING")
+    p.add_argument(
+        "--mode",
+        type=_mode_list,
+        default=("routed",),
+        help="BEELINE_ROUTING: routed, broadcast or both; socketio: the peer instead (Node socket.io with "
+        "@socket.io/redis-adapter, bench/peers/socketio, after `npm ci` there); or a comma-separated list",
+    )
     p.add_argument(
         "--form",
         choices=("single", "batch", "multi"),
@@ -210,7 +219,12 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
         parser.error("--users, --messages, --concurrency and --batch must be >= 1")
     if ns.form == "multi" and ns.batch > ns.users:
         parser.error("--form multi needs --batch <= --users")
-    modes: tuple[Mode, ...] = ("routed", "broadcast") if ns.mode == "both" else (ns.mode,)
+    modes = tuple(cast("Mode", m) for name in ns.mode for m in (("routed", "broadcast") if name == "both" else (name,)))
+    if "socketio" in modes and (ns.form != "single" or ns.subprotocol != "json" or ns.ack_every):
+        parser.error("--mode socketio sends one message per request to JSON receivers that do not ack")
+    if "socketio" in modes and (ns.idle_connections or ns.redis_url):
+        # Its adapter's pub/sub channels are not under a key prefix: it gets a Redis of its own.
+        parser.error("--mode socketio runs on the bench's own Redis, and --idle-connections is Beeline's only")
     specs = tuple(
         RunSpec(
             mode=mode,
@@ -448,9 +462,23 @@ class Stack:
     def redis_pid(self) -> int | None:
         return self.redis_child.pid if self.redis_child is not None else None
 
+    def receiver_endpoint(self, user: int) -> tuple[str, str]:
+        """The URL receiver ``user`` connects to (on gateway ``user % N``) and its token."""
+        _node_id, port, _child = self.gateways[user % len(self.gateways)]
+        return f"http://127.0.0.1:{port}/ws", mint_token(self.jwt_secret, user_name(user), ttl_s=TOKEN_TTL_S)
+
     async def start(self, session: aiohttp.ClientSession) -> None:
         self.placement.enter()
         await self._start_redis()
+        await self._start_services()
+        router = self.router
+        assert router is not None
+        if router[1].pid is not None:
+            self.placement.pin_router(router[1].pid)
+        waits = [self._wait_ready(session, c, p) for _n, p, c in self.gateways]
+        await asyncio.gather(*waits, self._wait_ready(session, router[1], router[0]))
+
+    async def _start_services(self) -> None:
         env = {k: v for k, v in os.environ.items() if k != "BEELINE_REDIS_CLUSTER"}
         for key, value in SERVER_DEFAULTS.items():
             env.setdefault(key, value)
@@ -474,10 +502,6 @@ class Stack:
         child = Child("router", [sys.executable, "-m", "router"], router_env, str(self.workdir), False, 1)
         await child.start()
         self.router = (port, child)
-        if child.pid is not None:
-            self.placement.pin_router(child.pid)
-        waits = [self._wait_ready(session, c, p) for _n, p, c in self.gateways]
-        await asyncio.gather(*waits, self._wait_ready(session, child, port))
 
     async def _start_redis(self) -> None:
         if self.redis_url_option:
@@ -557,6 +581,42 @@ class Stack:
         self.stop_exit_codes[child.name] = child.returncode
         if (child.returncode != 0 or took > SLOW_STOP_S) and child.name not in self.killed:
             self.killed_log_tail[child.name] = child.output().splitlines()[-20:]
+
+
+PEER_DIR: Final = Path(__file__).resolve().parent.parent / "bench" / "peers" / "socketio"
+
+
+@dataclass
+class SocketIOStack(Stack):
+    """The peer in place of Beeline: N Node socket.io gateways with @socket.io/redis-adapter and a Node
+    sender entry point (reported as the router), all from ``bench/peers/socketio/server.js``.
+
+    Each receiver joins the room of its user on its gateway; a send emits to that room, which the
+    adapter publishes to every gateway. The same receivers, senders, workload and measurements as a
+    Beeline run, so the two compare like for like on the same machine and day.
+    """
+
+    def receiver_endpoint(self, user: int) -> tuple[str, str]:
+        _node_id, port, _child = self.gateways[user % len(self.gateways)]
+        query = f"EIO=4&transport=websocket&user={user_name(user)}"
+        return f"http://127.0.0.1:{port}/socket.io/?{query}", ""
+
+    async def _start_services(self) -> None:
+        node = shutil.which("node")
+        if node is None or not (PEER_DIR / "node_modules").is_dir():
+            raise BenchError(f"--mode socketio needs Node.js and `npm ci` in {PEER_DIR}")
+        env = {**os.environ, "REDIS_URL": self.redis_url, "API_KEY": self.api_key, "NODE_ENV": "production"}
+
+        async def spawn(name: str, role: str) -> tuple[int, Child]:
+            port = free_port()
+            argv = [node, str(PEER_DIR / "server.js")]
+            child = Child(name, argv, {**env, "ROLE": role, "PORT": str(port)}, str(PEER_DIR), False, 1)
+            await child.start()
+            return port, child
+
+        for i in range(1, self.nodes + 1):
+            self.gateways.append((f"gw{i}", *await spawn(f"gw{i}", "gateway")))
+        self.router = await spawn("router", "sender")
 
 
 async def delete_prefix(url: str, prefix: str) -> None:
@@ -697,9 +757,7 @@ async def start_receivers(
     """Receiver workers, user ``j`` on gateway ``j % N`` and in worker ``j % procs``."""
     shares: list[list[list[Any]]] = [[] for _ in range(procs)]
     for j in users:
-        _node_id, port, _child = stack.gateways[j % len(stack.gateways)]
-        token = mint_token(stack.jwt_secret, user_name(j), ttl_s=TOKEN_TTL_S)
-        shares[j % procs].append([j, f"http://127.0.0.1:{port}/ws", token])
+        shares[j % procs].append([j, *stack.receiver_endpoint(j)])
     workers = []
     for i, share in enumerate(shares):
         if not share:
@@ -708,6 +766,7 @@ async def start_receivers(
             "role": "receiver",
             "users": share,
             "subprotocol": spec.subprotocol,
+            "dialect": "socketio" if spec.mode == "socketio" else "beeline",
             "connect_concurrency": connect_concurrency,
             "ack_every": spec.ack_every,
             "progress_s": PROGRESS_S,
@@ -1005,7 +1064,8 @@ async def run_once(spec: RunSpec, opts: BenchOptions, progress: Progress, machin
     """Starts a fresh system, runs ``spec`` against it, stops everything; returns the run's report."""
     loadavg = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="beeline-bench-") as tmp:
-        stack = Stack(spec.mode, spec.nodes, opts.redis_url, Path(tmp), placement=CpuPlacement(spec.placement))
+        kind = SocketIOStack if spec.mode == "socketio" else Stack
+        stack = kind(spec.mode, spec.nodes, opts.redis_url, Path(tmp), placement=CpuPlacement(spec.placement))
         probe: RedisProbe | None = None
         run: BenchRun | None = None
         try:

@@ -120,12 +120,14 @@ class WsConnection(asyncio.Protocol):
         self._transport = cast("asyncio.Transport", transport)
 
     def handshake(self, host: str, port: int, path: str, subprotocol: str, token: str) -> None:
+        """The upgrade request; no subprotocol or Authorization header where that argument is empty."""
         assert self._transport is not None, "connect first"
+        extra = f"Sec-WebSocket-Protocol: {subprotocol}\r\n" if subprotocol else ""
+        extra += f"Authorization: Bearer {token}\r\n" if token else ""
         self._transport.write(
             (
                 f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {self._key}\r\nSec-WebSocket-Version: 13\r\n"
-                f"Sec-WebSocket-Protocol: {subprotocol}\r\nAuthorization: Bearer {token}\r\n\r\n"
+                f"Sec-WebSocket-Key: {self._key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
             ).encode()
         )
 
@@ -228,6 +230,8 @@ class Receivers:
     def __init__(self, config: dict[str, Any]) -> None:
         self.users: list[tuple[int, str, str]] = [(int(u[0]), str(u[1]), str(u[2])) for u in config["users"]]
         self.subprotocol: str = config.get("subprotocol") or SUBPROTOCOL_JSON
+        # beeline: Beeline's protocol; socketio: Socket.IO's (Engine.IO v4 over a WebSocket), for the peer.
+        self.socketio = config.get("dialect", "beeline") == "socketio"
         self.concurrency = int(config.get("connect_concurrency", 100))
         self.ack_every = int(config.get("ack_every", 0))
         self.progress_s = float(config.get("progress_s", 0.25))
@@ -299,16 +303,26 @@ class Receivers:
         """A connection that got its welcome frame; None when the first frame was something else."""
         parts = urllib.parse.urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        ws = WsConnection(self._handler(user))  # one handler per connection: it counts that one's acks
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         loop = asyncio.get_running_loop()
+        joined: asyncio.Future[None] = loop.create_future()
+        # One handler per connection: it counts that one's acks.
+        ws = WsConnection(self._socketio_handler(user, joined) if self.socketio else self._handler(user))
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             await loop.create_connection(lambda: ws, host, port)
-            ws.handshake(host, port, parts.path or "/", self.subprotocol, token)
+            ws.handshake(host, port, path, "" if self.socketio else self.subprotocol, token)
             welcome = await ws.welcome
+            if self.socketio and welcome.startswith(b"0"):  # Engine.IO's open packet: join the main namespace
+                ws.send(b"40", OP_TEXT)
+                await joined
+                return self._track(ws)
         frame = self._decode(welcome)
         if frame is None or frame.get("type") != "welcome":
             ws.close()
             return None
+        return self._track(ws)
+
+    def _track(self, ws: WsConnection) -> WsConnection:
         ws.closed.add_done_callback(self._count_closed)
         return ws
 
@@ -322,33 +336,58 @@ class Receivers:
             return None
         return frame if isinstance(frame, dict) else None
 
+    def _record(self, user: int, frame: dict[str, Any] | None, now: float) -> int | None:
+        """Records a message frame's receipt; its seq, or None for a frame that is not one."""
+        state = self.state
+        try:
+            if frame is None:
+                raise ValueError("not a frame")
+            payload = frame["payload"]
+            msg_id = int(payload["i"])
+            sent_at = float(payload["t"])
+            seq = int(frame["seq"])
+        except (ValueError, KeyError, TypeError):
+            state.unexpected += 1
+            return None
+        if msg_id < 0:
+            state.warmup += 1
+        else:
+            state.receipts.append((msg_id, user, seq, round((now - sent_at) * 1000, 3)))
+            state.last_receipt = now
+        return seq
+
+    def _socketio_handler(self, user: int, joined: asyncio.Future[None]) -> Callable[[WsConnection, bytes], None]:
+        """Socket.IO packets after Engine.IO's open: the namespace's CONNECT, pings and ``message`` events."""
+
+        def on_message(ws: WsConnection, data: bytes) -> None:
+            now = time.time()
+            if data.startswith(b"42"):  # EVENT: ["message", frame]
+                try:
+                    event = json.loads(data[2:])
+                except ValueError:
+                    event = None
+                frame = event[1] if isinstance(event, list) and len(event) == 2 else None
+                self._record(user, frame if isinstance(frame, dict) else None, now)
+            elif data == b"2":  # Engine.IO ping: the server closes a client that does not pong
+                ws.send(b"3", OP_TEXT)
+            elif data.startswith(b"40") and not joined.done():
+                joined.set_result(None)
+            elif data.startswith(b"44") and not joined.done():  # CONNECT_ERROR
+                joined.set_exception(WsError(f"namespace refused: {data[:200]!r}"))
+
+        return on_message
+
     def _handler(self, user: int) -> Callable[[WsConnection, bytes], None]:
         """What one connection does with each message frame: record its receipt, ack when asked."""
-        state = self.state
-        receipts = state.receipts
         binary = self.subprotocol == SUBPROTOCOL_MSGPACK
         ack_every = self.ack_every
         since_ack = 0
 
         def on_message(ws: WsConnection, data: bytes) -> None:
             nonlocal since_ack
-            now = time.time()
-            frame = self._decode(data)
-            try:
-                if frame is None:
-                    raise ValueError("not a frame")
-                payload = frame["payload"]
-                msg_id = int(payload["i"])
-                sent_at = float(payload["t"])
-                seq = int(frame["seq"])
-            except (ValueError, KeyError, TypeError):
-                state.unexpected += 1
+            seq = self._record(user, self._decode(data), time.time())
+            if seq is None:
                 return
-            if msg_id < 0:
-                state.warmup += 1
-            else:
-                receipts.append((msg_id, user, seq, round((now - sent_at) * 1000, 3)))
-                state.last_receipt = now
             if ack_every:
                 since_ack += 1
                 if since_ack >= ack_every:

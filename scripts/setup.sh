@@ -50,6 +50,13 @@ if [ "${BEELINE_SETUP_TESTS:-}" = 1 ]; then
   command -v redis-cli >/dev/null || missing+=(redis-tools)
   command -v promtool >/dev/null || missing+=(prometheus)
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+  # The Socket.IO peer of `beeline bench --mode socketio`, where Node.js is present (its test is
+  # skipped where it is not): the exact versions in its package-lock.json, from the npm registry.
+  peer=bench/peers/socketio
+  if command -v npm >/dev/null && { [ ! -d "$peer/node_modules" ] || [ "$peer/package-lock.json" -nt "$peer/node_modules" ]; }; then
+    npm ci --prefix "$peer" --no-audit --no-fund --loglevel=error >/dev/null ||
+      echo "setup: npm ci in $peer failed; the Socket.IO peer's test will be skipped" >&2
+  fi
 fi
 
 stamp="$VENV/.beeline-installed"

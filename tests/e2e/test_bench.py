@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from beeline.bench import IDLE_FIELDS, RUN_FIELDS, format_table, parse_args, plan_requests
+from beeline.bench import IDLE_FIELDS, PEER_DIR, RUN_FIELDS, format_table, parse_args, plan_requests
 from beeline.bench_client import WS_GUID, HttpConnection, WsConnection, WsError, message_json, request_body
 from beeline.bench_stats import (
     INFO_COMMAND,
@@ -174,6 +175,45 @@ def test_router_own_cpu_placement_keeps_everything_else_off_the_routers_cpu(tmp_
         assert run["delivered"] == run["sent"] == 100, run
         assert run["duplicated"] == 0
         assert {name: pid for name, pid in run["pids"].items() if alive(pid)} == {}
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(
+    shutil.which("node") is None or not (PEER_DIR / "node_modules").is_dir(),
+    reason="the Socket.IO peer needs Node.js and `npm ci` in bench/peers/socketio (scripts/setup.sh does it)",
+)
+def test_socketio_peer_runs_the_same_workload_and_is_measured_the_same_way(tmp_path: Path) -> None:
+    """The peer of the reference table, on the same box: Node socket.io gateways with the Redis adapter
+    and a Node sender entry point, driven by the same receivers and senders as a Beeline run."""
+    _proc, report = run_bench(
+        tmp_path,
+        *("--nodes", "2", "--users", "40", "--messages", "300", "--rate", "1000", "--warmup", "20"),
+        *("--mode", "routed,socketio"),
+    )
+    routed, peer = report["runs"]
+    assert (routed["mode"], peer["mode"]) == ("routed", "socketio")
+    assert set(RUN_FIELDS) <= set(peer)
+    assert peer["delivered"] == peer["sent"] == 300, peer
+    assert peer["duplicated"] == 0
+    assert peer["misrouted"] == 0
+    assert {"router", "gw1", "gw2"} <= set(peer["cpu"]["per_process_s"])
+    assert peer["cpu"]["gateways_s"] > 0
+    # The adapter publishes each message once, and Redis sends it to both gateways; Beeline appends it
+    # to the one node stream its receiver is on.
+    assert peer["redis"]["calls_per_msg"].get("publish", 0) == pytest.approx(1.0)
+    assert peer["redis"]["bytes_out_per_msg"] > routed["redis"]["bytes_out_per_msg"]
+    assert set(peer["stop_exit_codes"].values()) == {0}, peer["stop_exit_codes"]
+    assert {name: pid for name, pid in peer["pids"].items() if alive(pid)} == {}
+
+
+def test_mode_lists_expand_both_and_refuse_what_the_peer_cannot_run() -> None:
+    opts = parse_args(["--mode", "both,socketio"])
+    assert [s.mode for s in opts.specs] == ["routed", "broadcast", "socketio"]
+    for extra in (["--form", "batch"], ["--subprotocol", "msgpack"], ["--ack-every", "5"], ["--redis-url", "x"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--mode", "socketio", *extra])
+    with pytest.raises(SystemExit):
+        parse_args(["--mode", "pubsub"])
 
 
 @pytest.mark.redis
