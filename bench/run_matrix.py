@@ -17,6 +17,11 @@ sustain  N = 4, both modes: the highest offered rate whose p99 stays under 50 ms
          message to 50 receivers per request; rates are deliveries/s) forms
 placement  N = 4, both modes, 1,000 msg/s, with the OS placing every process and with the router alone on
          a CPU of its own (``--placement router-own-cpu``), alternating, three times each
+peer     the Socket.IO peer of the reference table (``--mode socketio``: Node socket.io with
+         @socket.io/redis-adapter) beside Beeline on the same machine and hour: N = 4 at 1,000 msg/s,
+         routed, broadcast and socketio alternating three times; socketio's Redis bytes at N = 1, 4, 8;
+         and the single-form sustained-rate search for routed and socketio (needs Node.js and
+         ``npm ci`` in bench/peers/socketio, which scripts/setup.sh does)
 idle     10,000 idle connections on one gateway
 plots    docs/bench_*.png and bench/results/tables.md
 
@@ -42,8 +47,9 @@ from types import MappingProxyType
 from typing import Any, Final
 
 ROOT: Final = Path(__file__).resolve().parent.parent
-STEPS: Final = ("matrix", "matrix500", "sweep", "max", "multi", "sustain", "placement", "idle", "plots")
+STEPS: Final = ("matrix", "matrix500", "sweep", "max", "multi", "sustain", "placement", "peer", "idle", "plots")
 PLACEMENT_REPEATS: Final = 3
+PEER_REPEATS: Final = 3
 P99_BOUND_MS: Final = 50.0
 
 # The issue's reference figures for other systems (Redis bytes out per message at N = 1, 4, 8).
@@ -151,12 +157,20 @@ def sustained(run: dict[str, Any]) -> bool:
     return bool(run["ok"]) and p99 is not None and p99 < P99_BOUND_MS and achieved >= 0.95 * run["offered_rate"]
 
 
-def step_sustain(common: list[str], batch_messages: int, results: Path) -> None:
+def step_sustain(
+    common: list[str],
+    batch_messages: int,
+    results: Path,
+    *,
+    forms: Sequence[str] = ("single", "batch", "multi"),
+    modes: Sequence[str] = ("routed", "broadcast"),
+    name: str = "sustain",
+) -> None:
     """Steps the offered rate up until p99 reaches 50 ms (or the rate is not achieved). On a shared 2-core
     machine one run can be unlucky, so a rate that fails is tried once more before the search stops."""
     reports = []
-    for form in ("single", "batch", "multi"):
-        for mode in ("routed", "broadcast"):
+    for form in forms:
+        for mode in modes:
             extra = ["--form", form]
             if form != "single":  # 50,000 messages: a window of a few seconds even at the higher rates
                 extra += ["--batch", "50", "--concurrency", "16", "--messages", str(batch_messages)]
@@ -165,7 +179,7 @@ def step_sustain(common: list[str], batch_messages: int, results: Path) -> None:
                     extra = ["--form", form, "--messages", str(max(10_000, 5 * rate))]
                 passed = False
                 for attempt in (1, 2):
-                    part = results / f"sustain-{form}-{mode}-{rate}-{attempt}.json"
+                    part = results / f"{name}-{form}-{mode}-{rate}-{attempt}.json"
                     report = bench_part([*common, "--nodes", "4", "--mode", mode, *extra, "--rate", str(rate)], part)
                     run = report["runs"][0]
                     run["attempt"] = attempt
@@ -176,7 +190,7 @@ def step_sustain(common: list[str], batch_messages: int, results: Path) -> None:
                         break
                 if not passed:
                     break
-    merge(reports, results / "sustain.json")
+    merge(reports, results / f"{name}.json")
 
 
 def load(results: Path, name: str) -> dict[str, Any] | None:
@@ -278,6 +292,15 @@ def step_placement(common: list[str], results: Path) -> None:
     merge(reports, results / "placement.json")
 
 
+def step_peer(common: list[str], batch_messages: int, results: Path) -> None:
+    """Beeline and the Socket.IO peer on the same machine and hour (see the module docstring)."""
+    args = [*common, "--nodes", "4", "--mode", "routed,broadcast,socketio", "--rate", "1000"]
+    reports = [bench_part(args, results / f"peer-{i + 1}.json") for i in range(PEER_REPEATS)]
+    merge(reports, results / "peer.json")
+    bench([*common, "--nodes", "1,4,8", "--mode", "socketio", "--rate", "1000"], results / "peer-bytes.json")
+    step_sustain(common, batch_messages, results, forms=("single",), modes=("routed", "socketio"), name="peer-sustain")
+
+
 def step_plots(results: Path, docs: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from beeline.bench_plot import plot_cpu, plot_latency_vs_rate, plot_redis_bytes  # noqa: PLC0415
@@ -316,6 +339,15 @@ def step_plots(results: Path, docs: Path) -> None:
     placement = load(results, "placement")
     if placement:
         tables += ["## placement", placement_table(placement["runs"])]
+    peer = load(results, "peer")
+    if peer:
+        tables += ["## peer", placement_table(peer["runs"])]
+    peer_bytes = load(results, "peer-bytes")
+    if peer_bytes:
+        tables += ["## peer-bytes", matrix_table(peer_bytes["runs"])]
+    peer_sustain = load(results, "peer-sustain")
+    if peer_sustain:
+        tables += ["## peer-sustain", sustain_summary(peer_sustain["runs"]), short_table(peer_sustain["runs"])]
     idle = load(results, "idle")
     if idle:
         tables += ["## idle", "```json", json.dumps(idle["idle"], indent=2), "```"]
@@ -353,6 +385,8 @@ def run_step(step: str, ns: argparse.Namespace, common: list[str], results: Path
         step_sustain(common, ns.batch_messages, results)
     elif step == "placement":
         step_placement(common, results)
+    elif step == "peer":
+        step_peer(common, ns.batch_messages, results)
     elif step == "idle":
         bench(["--idle-connections", str(ns.idle_connections), "--quiet"], results / "idle.json")
     elif step == "plots":
