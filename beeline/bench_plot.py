@@ -11,7 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-MODE_COLORS: Final = MappingProxyType({"routed": "tab:blue", "broadcast": "tab:red"})
+MODE_COLORS: Final = MappingProxyType({"routed": "tab:blue", "broadcast": "tab:red", "socketio": "tab:green"})
 REDIS_BYTES_PNG: Final = "bench_redis_bytes_per_message.png"
 LATENCY_PNG: Final = "bench_latency_vs_rate.png"
 CPU_PNG: Final = "bench_cpu_per_message.png"

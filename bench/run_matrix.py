@@ -20,7 +20,8 @@ placement  N = 4, both modes, 1,000 msg/s, with the OS placing every process and
 peer     the Socket.IO peer of the reference table (``--mode socketio``: Node socket.io with
          @socket.io/redis-adapter) beside Beeline on the same machine and hour: N = 4 at 1,000 msg/s,
          routed, broadcast and socketio alternating three times; socketio's Redis bytes at N = 1, 4, 8;
-         and the single-form sustained-rate search for routed and socketio (needs Node.js and
+         routed and socketio flat out, alternating twice; and the single-form sustained-rate search for
+         routed and socketio (needs Node.js and
          ``npm ci`` in bench/peers/socketio, which scripts/setup.sh does)
 idle     10,000 idle connections on one gateway
 plots    docs/bench_*.png and bench/results/tables.md
@@ -298,6 +299,9 @@ def step_peer(common: list[str], batch_messages: int, results: Path) -> None:
     reports = [bench_part(args, results / f"peer-{i + 1}.json") for i in range(PEER_REPEATS)]
     merge(reports, results / "peer.json")
     bench([*common, "--nodes", "1,4,8", "--mode", "socketio", "--rate", "1000"], results / "peer-bytes.json")
+    # Flat out (64 requests in flight), alternating: capacity apart from the p99 bound of the search below.
+    flat_out = ["--nodes", "4", "--mode", "routed,socketio,routed,socketio", "--messages", "20000"]
+    bench([*common, *flat_out], results / "peer-max.json")  # the last --messages wins
     step_sustain(common, batch_messages, results, forms=("single",), modes=("routed", "socketio"), name="peer-sustain")
 
 
@@ -307,14 +311,15 @@ def step_plots(results: Path, docs: Path) -> None:
 
     tables = []
     matrix = load(results, "matrix")
+    peer_bytes = load(results, "peer-bytes")
     if matrix:
         runs = matrix["runs"]
         plot_redis_bytes(
-            runs,
+            [*runs, *(peer_bytes["runs"] if peer_bytes else [])],
             docs / "bench_redis_bytes_per_message.png",
             references=REFERENCE_BYTES_OUT,
             title="Redis bytes per delivered message vs N\n"
-            "(Beeline: measured; grey: the issue's figures for other systems, out)",
+            "(measured: Beeline and the Socket.IO peer; grey: the issue's figures for other systems, out)",
         )
         plot_cpu(runs, docs / "bench_cpu_per_message.png", title="Server CPU per message at 1,000 msg/s offered")
         tables += ["## matrix", matrix_table(runs)]
@@ -342,9 +347,11 @@ def step_plots(results: Path, docs: Path) -> None:
     peer = load(results, "peer")
     if peer:
         tables += ["## peer", placement_table(peer["runs"])]
-    peer_bytes = load(results, "peer-bytes")
     if peer_bytes:
         tables += ["## peer-bytes", matrix_table(peer_bytes["runs"])]
+    peer_max = load(results, "peer-max")
+    if peer_max:
+        tables += ["## peer-max", short_table(peer_max["runs"])]
     peer_sustain = load(results, "peer-sustain")
     if peer_sustain:
         tables += ["## peer-sustain", sustain_summary(peer_sustain["runs"]), short_table(peer_sustain["runs"])]
