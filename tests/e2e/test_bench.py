@@ -16,6 +16,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ from typing import Any
 import pytest
 
 from beeline.bench import IDLE_FIELDS, PEER_DIR, RUN_FIELDS, format_table, parse_args, plan_requests
-from beeline.bench_client import WS_GUID, HttpConnection, WsConnection, WsError, message_json, request_body
+from beeline.bench_client import (
+    WS_GUID,
+    HttpConnection,
+    Receivers,
+    WsConnection,
+    WsError,
+    message_json,
+    request_body,
+)
 from beeline.bench_stats import (
     INFO_COMMAND,
     Receipt,
@@ -432,3 +441,72 @@ def test_the_receivers_websocket_client_reads_frames_split_anywhere() -> None:
             ws.welcome.result()
 
     asyncio.run(scenario())
+
+
+def test_the_receivers_speak_socketio_to_the_peer() -> None:
+    """In the peer's dialect a receiver connects without subprotocol or token, joins the main namespace
+    after Engine.IO's open packet, answers pings, and records ``message`` events like Beeline frames."""
+    client_frames: list[bytes] = []
+    request: list[bytes] = []
+
+    async def read_client_frame(reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readexactly(2)
+        mask = await reader.readexactly(4)
+        payload = await reader.readexactly(head[1] & 0x7F)
+        return bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await script(reader, writer)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+            peer_done.set()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request.append(head)
+        key = head.split(b"Sec-WebSocket-Key: ")[1].split(b"\r\n")[0]
+        accept = base64.b64encode(hashlib.sha1(key + WS_GUID.encode()).digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        writer.write(_server_frame(0x1, b'0{"sid":"e","pingInterval":25000,"pingTimeout":20000}'))
+        client_frames.append(await read_client_frame(reader))  # the namespace CONNECT
+        writer.write(_server_frame(0x1, b'40{"sid":"s"}') + _server_frame(0x1, b"2"))
+        client_frames.append(await read_client_frame(reader))  # the pong
+        event = [
+            "message",
+            {"type": "message", "seq": 5, "channel": "bench", "payload": {"i": 9, "t": time.time(), "p": "x"}},
+        ]
+        writer.write(_server_frame(0x1, b"42" + json.dumps(event).encode()) + _server_frame(0x1, b'42["other"]'))
+        await writer.drain()
+        await reader.read()  # until the client closes
+
+    peer_done = asyncio.Event()
+
+    async def scenario() -> dict[str, Any]:
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        receivers = Receivers({"users": [], "dialect": "socketio"})
+        try:
+            url = f"http://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket&user=u7"
+            ws = await asyncio.wait_for(receivers._connect(7, url, ""), timeout=10)
+            assert ws is not None
+            deadline = time.monotonic() + 10
+            while receivers.state.unexpected < 1:  # the second event arrives after the first
+                assert time.monotonic() < deadline, "the events did not arrive"
+                await asyncio.sleep(0.01)
+            ws.close()
+            await asyncio.wait_for(peer_done.wait(), timeout=10)
+        finally:
+            server.close()
+            await server.wait_closed()
+        return {"receipts": receivers.state.receipts, "unexpected": receivers.state.unexpected}
+
+    state = asyncio.run(scenario())
+    [head] = request
+    assert head.startswith(b"GET /socket.io/?EIO=4&transport=websocket&user=u7 HTTP/1.1\r\n")
+    assert b"Sec-WebSocket-Protocol" not in head and b"Authorization" not in head
+    assert client_frames == [b"40", b"3"]
+    [(msg_id, user, seq, latency_ms)] = state["receipts"]
+    assert (msg_id, user, seq) == (9, 7, 5) and latency_ms >= 0
+    assert state["unexpected"] == 1  # an event that is not a message is counted, not recorded
