@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from gateway.connection import Connection
 from gateway.heartbeat import Heartbeat
 from gateway.hub import ConnectionHub
-from gateway.stream_reader import BroadcastReader, InboundReader, NodeStreamReader
+from gateway.stream_reader import STREAM_READS_IN_FLIGHT, BroadcastReader, InboundReader, NodeStreamReader
 from shared.auth import Identity, TokenVerifier, bearer
 from shared.autopipeline import AutoPipeline
 from shared.config import DRAIN_FLUSH_S, GatewayConfig
@@ -84,7 +84,10 @@ class Gateway:
         self._store = store = Store.open(cfg, self.keys, self.metrics)
         redis = store.redis
         self._blocking = blocking = create_redis(cfg, blocking_read_ms=cfg.stream_block_ms, max_connections=4)
-        self._stream_connection = create_autopipeline(cfg, blocking_read_ms=cfg.stream_block_ms)
+        # Its timeout covers the stream reads it keeps in flight, each of which may block in turn.
+        self._stream_connection = create_autopipeline(
+            cfg, blocking_read_ms=cfg.stream_block_ms * STREAM_READS_IN_FLIGHT
+        )
         self.mailbox, self.presence, self.registry = store.mailbox, store.presence, store.nodes
         self.sender = Sender(
             self.mailbox,

@@ -27,6 +27,9 @@ from shared.redis import UNAVAILABLE_ERRORS, RedisClient, is_cluster
 
 log = get_logger("beeline.gateway.reader")
 
+STREAM_READS_IN_FLIGHT = 3
+"""Blocking stream reads kept in flight on the stream connection: one always waits in Redis, and the
+next ones are written every second delivery instead of after each (see ``AutoPipeline.repeat``)."""
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 2.0
 PUBSUB_CLOSE_TIMEOUT_S = 1.0
@@ -149,11 +152,12 @@ class NodeStreamReader:
                 self._deliver(
                     [fields.get(STREAM_FIELD) for _stream, messages in response or () for _id, fields in messages]
                 )
-        # One read per reply, written again from the connection's callback (AutoPipeline.repeat).
+        # Reads written again from the connection's callback as replies arrive (AutoPipeline.repeat).
         await self._connection.repeat(
             ("XREADGROUP", "GROUP", STREAM_GROUP, self._node_id, "COUNT", self._batch, "BLOCK", self._block_ms,
              "NOACK", "STREAMS", self._stream, ">"),
             self._deliver_raw,
+            depth=STREAM_READS_IN_FLIGHT,
         )  # fmt: skip
 
     def _deliver_raw(self, raw: Any) -> None:

@@ -110,28 +110,46 @@ class _RespProtocol(asyncio.Protocol):
 
 class _Repeat:
     """The waiter of a repeated command: each reply is handed to ``on_reply`` and the command is then
-    written again at once, from the protocol's callback, with no future or task wake-up per reply.
+    written again, from the protocol's callback, with no future or task wake-up per reply.
+
+    ``depth`` copies are written at the start, and once half of them or fewer are left in flight the
+    rest are written again in one write: with ``depth`` 3 a blocking read is always waiting in Redis and
+    the next ones go out every second reply, not after each one.
 
     ``ended`` completes with the first error reply or connection failure (or is cancelled by the
     caller); from then on a reply that still arrives is dropped and nothing more is written.
     """
 
-    __slots__ = ("ended", "on_reply", "packed", "pipeline", "protocol")
+    __slots__ = ("depth", "ended", "in_flight", "on_reply", "packed", "pipeline", "protocol")
 
     def __init__(
-        self, pipeline: AutoPipeline, protocol: _RespProtocol, packed: bytes, on_reply: Callable[[Any], None]
+        self,
+        pipeline: AutoPipeline,
+        protocol: _RespProtocol,
+        packed: bytes,
+        on_reply: Callable[[Any], None],
+        depth: int,
     ) -> None:
         self.pipeline = pipeline
         self.protocol = protocol
         self.packed = packed
         self.on_reply = on_reply
+        self.depth = depth
+        self.in_flight = 0
         self.ended: asyncio.Future[None] = protocol.loop.create_future()
+
+    def refill(self) -> None:
+        """Writes the copies that bring the commands in flight back to ``depth``."""
+        missing = self.depth - self.in_flight
+        self.in_flight = self.depth
+        self.pipeline._write_now(self.protocol, self.packed * missing, self, missing)
 
     # The waiter interface of _RespProtocol (that of a future).
     def done(self) -> bool:
         return self.ended.done()
 
     def set_result(self, reply: Any) -> None:
+        self.in_flight -= 1
         if isinstance(reply, hiredis.ReplyError):
             self.ended.set_exception(_error(reply))
             return
@@ -140,10 +158,11 @@ class _Repeat:
         except Exception as e:  # a bug in the handler ends the repeat like a failed read would
             self.ended.set_exception(e)
             return
-        # Written only once the reply was handled: a read that consumes (XREADGROUP with NOACK) must
-        # not be in flight when the repeat ends, or what it returns would be dropped with it.
-        if not self.ended.done():
-            self.pipeline._write_now(self.protocol, self.packed, self)
+        # Written only once the reply was handled, so that a handler's failure ends the repeat before
+        # more reads go out (what a read that consumes, XREADGROUP with NOACK, returns after the end is
+        # dropped with it).
+        if not self.ended.done() and self.in_flight <= self.depth // 2:
+            self.refill()
 
     def set_exception(self, error: BaseException) -> None:
         if not self.ended.done():
@@ -199,22 +218,36 @@ class AutoPipeline:
                 raise _error(reply)
         return replies
 
-    async def repeat(self, command: Command, on_reply: Callable[[Any], None]) -> None:
+    async def repeat(self, command: Command, on_reply: Callable[[Any], None], *, depth: int = 1) -> None:
         """Runs ``command`` again and again, each time its reply arrives, handing every reply to
         ``on_reply`` inside the connection's read callback; returns only by raising: the first error
         reply (as the redis-py exception), a lost or stuck connection, or cancellation.
 
         For a gateway's blocking stream read, one per delivery at low rates: the next read goes out in
         the same callback, so a delivery costs one loop wake-up and no future, task step or second
-        loop iteration. Use it on a connection of its own (its BLOCK holds the connection).
+        loop iteration. With ``depth`` > 1, that many are kept in flight (Redis runs them one after
+        the other) and written again in batches (see :class:`_Repeat`): fewer writes, and no gap
+        between one read's reply and the next read. The connection's timeout must then cover
+        ``depth`` blocking reads in a row. Use it on a connection of its own (its BLOCK holds the
+        connection).
+
+        When the repeat ends with commands still in flight (cancelled, an error reply with copies
+        behind it), the connection is closed: Redis then drops them unrun, so none can consume what
+        nobody would handle. The next command reconnects.
         """
+        if depth < 1:
+            raise ValueError("depth must be >= 1")
         protocol = self._open_protocol() or await self._connect()
         # hiredis's stub types the argument as a 1-tuple; any tuple of these types is accepted.
-        repeat = _Repeat(self, protocol, hiredis.pack_command(tuple(command)), on_reply)  # type: ignore[arg-type]
-        self._write_now(protocol, repeat.packed, repeat)
-        # Cancelling the caller cancels ``ended``: the reply still in flight is dropped, nothing more
-        # is written.
-        await repeat.ended
+        packed = hiredis.pack_command(tuple(command))  # type: ignore[arg-type]
+        repeat = _Repeat(self, protocol, packed, on_reply, depth)
+        repeat.refill()
+        try:
+            # Cancelling the caller cancels ``ended``: nothing more is written.
+            await repeat.ended
+        finally:
+            if repeat.in_flight > 0 and not protocol.closed:
+                protocol.abort(redis_exceptions.ConnectionError("a repeated command ended with copies in flight"))
 
     async def evalsha(
         self,
@@ -270,12 +303,13 @@ class AutoPipeline:
             loop.call_soon(self._flush, protocol)
         return futures
 
-    def _write_now(self, protocol: _RespProtocol, packed: bytes, waiter: _Repeat) -> None:
-        """Writes a command now, after whatever this turn queued before it (replies come in order)."""
+    def _write_now(self, protocol: _RespProtocol, packed: bytes, waiter: _Repeat, commands: int) -> None:
+        """Writes ``commands`` packed commands now, after whatever this turn queued before them
+        (replies come in order), all answered to ``waiter``."""
         if protocol.closed:
             waiter.set_exception(redis_exceptions.ConnectionError("connection to redis lost"))
             return
-        protocol.waiters.append(waiter)
+        protocol.waiters.extend([waiter] * commands)
         protocol.queue.append(packed)
         self._flush(protocol)
 

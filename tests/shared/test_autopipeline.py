@@ -271,22 +271,69 @@ async def test_a_repeated_command_ends_at_an_error_reply_a_lost_connection_or_a_
         await fast.aclose()
 
 
-async def test_a_cancelled_repeat_writes_nothing_more_and_drops_the_reply_in_flight(own_redis: RedisServer) -> None:
-    fast, feeder = pipeline(own_redis), pipeline(own_redis)
+@pytest.mark.parametrize("depth", [1, 3])
+async def test_a_cancelled_repeat_writes_nothing_more_and_leaves_no_read_to_consume(
+    own_redis: RedisServer, depth: int
+) -> None:
+    """Cancelled with reads in flight (one blocked in Redis, the rest queued behind it), the repeat
+    closes its connection: Redis drops them, so what arrives later stays for the next reader."""
+    fast, feeder = pipeline(own_redis, timeout_s=30.0), pipeline(own_redis)
     replies: list[Any] = []
-    reading = asyncio.ensure_future(fast.repeat(("BLPOP", "q", 5), replies.append))
+    # BLOCK 0: the read in flight never times out by itself while the test waits for it to go.
+    reading = asyncio.ensure_future(fast.repeat(("BLPOP", "q", 0), replies.append, depth=depth))
     try:
         await eventually(partial(one_blocked, own_redis), timeout=5, what="the BLPOP to be in flight")
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)
+        await eventually(partial(none_blocked, own_redis), timeout=5, what="the BLPOP in flight to be dropped")
         await feeder.execute("RPUSH", "q", "late")
-        await eventually(partial(none_blocked, own_redis), timeout=5, what="the BLPOP in flight to be answered")
-        assert await fast.execute("PING") == b"PONG"  # the dropped reply did not shift this one
+        assert await feeder.execute("LLEN", "q") == 1
         assert replies == []
-        assert await command_calls(own_redis, "blpop") == (1,)
+        assert await command_calls(own_redis, "blpop") == (1,)  # the queued copies never ran
+        assert await fast.execute("PING") == b"PONG"  # the next command reconnects
     finally:
         await feeder.aclose()
         await fast.aclose()
+
+
+async def test_a_deep_repeat_keeps_a_read_waiting_and_writes_the_next_ones_in_batches(own_redis: RedisServer) -> None:
+    """With ``depth`` 3 (the gateway's stream read) every reply still reaches the handler in order and
+    Redis runs one read at a time, but the connection writes half as often as with one read in flight:
+    two reads every second reply instead of one after each."""
+    pushes = 20
+
+    async def reads_processed() -> int:
+        return int((await stat(own_redis, "stats"))["total_reads_processed"])
+
+    async def feed_one_by_one(depth: int) -> int:
+        """Redis's read events while ``pushes`` items are fed one at a time to a repeat of ``depth``."""
+        fast, feeder = pipeline(own_redis, timeout_s=2.0 + 5 * depth), pipeline(own_redis)
+        replies: list[Any] = []
+        reading = asyncio.ensure_future(fast.repeat(("BLPOP", "q", 5), replies.append, depth=depth))
+        try:
+            await feeder.execute("PING")
+            await eventually(partial(one_blocked, own_redis), timeout=5, what="the first BLPOP")
+            before = await reads_processed()
+            for i in range(pushes):
+                await feeder.execute("RPUSH", "q", i)
+                await eventually(lambda i=i: len(replies) > i, timeout=5, what=f"reply {i}")
+            after = await reads_processed()
+            assert replies == [[b"q", str(i).encode()] for i in range(pushes)]
+            await eventually(partial(one_blocked, own_redis), timeout=5, what="the next BLPOP")
+            return after - before
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+            await feeder.aclose()
+            await fast.aclose()
+
+    one_in_flight = await feed_one_by_one(1)
+    calls_before = await command_calls(own_redis, "blpop")
+    three_in_flight = await feed_one_by_one(3)
+    # Redis ran one read per reply plus the one waiting: the queued copies do not run ahead.
+    assert await command_calls(own_redis, "blpop") == (calls_before[0] + pushes + 1,)
+    # The same pushes and INFO probes in both runs; the repeat's own writes halve.
+    assert one_in_flight - three_in_flight == pushes // 2
 
 
 async def test_a_connect_cancelled_before_its_setup_answered_closes_its_socket(own_redis: RedisServer) -> None:
