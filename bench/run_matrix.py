@@ -42,7 +42,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -286,6 +286,22 @@ def placement_table(runs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+STEP_TABLES: Final[dict[str, tuple[Callable[[Sequence[dict[str, Any]]], str], ...]]] = {
+    "matrix": (matrix_table,),
+    "matrix500": (matrix_table,),
+    "sweep": (matrix_table,),
+    "max": (short_table,),
+    "multi": (matrix_table,),
+    "sustain": (sustain_summary, short_table),
+    "placement": (placement_table,),
+    "peer": (placement_table,),
+    "peer-bytes": (matrix_table,),
+    "peer-max": (short_table,),
+    "peer-sustain": (sustain_summary, short_table),
+}
+"""The tables of bench/results/tables.md, in order: each report's runs through each renderer."""
+
+
 def step_placement(common: list[str], results: Path) -> None:
     """The same runs with both placements, alternating, so that both see the machine's same hours."""
     args = [*common, "--nodes", "4", "--mode", "both", "--rate", "1000", "--placement", "shared,router-own-cpu"]
@@ -309,52 +325,29 @@ def step_plots(results: Path, docs: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from beeline.bench_plot import plot_cpu, plot_latency_vs_rate, plot_redis_bytes  # noqa: PLC0415
 
-    tables = []
     matrix = load(results, "matrix")
     peer_bytes = load(results, "peer-bytes")
     if matrix:
-        runs = matrix["runs"]
         plot_redis_bytes(
-            [*runs, *(peer_bytes["runs"] if peer_bytes else [])],
+            [*matrix["runs"], *(peer_bytes["runs"] if peer_bytes else [])],
             docs / "bench_redis_bytes_per_message.png",
             references=REFERENCE_BYTES_OUT,
             title="Redis bytes per delivered message vs N\n"
             "(measured: Beeline and the Socket.IO peer; grey: the issue's figures for other systems, out)",
         )
-        plot_cpu(runs, docs / "bench_cpu_per_message.png", title="Server CPU per message at 1,000 msg/s offered")
-        tables += ["## matrix", matrix_table(runs)]
-    matrix500 = load(results, "matrix500")
-    if matrix500:
-        tables += ["## matrix500", matrix_table(matrix500["runs"])]
+        plot_cpu(
+            matrix["runs"], docs / "bench_cpu_per_message.png", title="Server CPU per message at 1,000 msg/s offered"
+        )
     sweep = load(results, "sweep")
     if sweep:
         plot_latency_vs_rate(
             sweep["runs"], docs / "bench_latency_vs_rate.png", title="End-to-end latency vs offered rate, N = 4"
         )
-        tables += ["## sweep", matrix_table(sweep["runs"])]
-    maxed = load(results, "max")
-    if maxed:
-        tables += ["## max", short_table(maxed["runs"])]
-    multi = load(results, "multi")
-    if multi:
-        tables += ["## multi", matrix_table(multi["runs"])]
-    sustain = load(results, "sustain")
-    if sustain:
-        tables += ["## sustain", sustain_summary(sustain["runs"]), short_table(sustain["runs"])]
-    placement = load(results, "placement")
-    if placement:
-        tables += ["## placement", placement_table(placement["runs"])]
-    peer = load(results, "peer")
-    if peer:
-        tables += ["## peer", placement_table(peer["runs"])]
-    if peer_bytes:
-        tables += ["## peer-bytes", matrix_table(peer_bytes["runs"])]
-    peer_max = load(results, "peer-max")
-    if peer_max:
-        tables += ["## peer-max", short_table(peer_max["runs"])]
-    peer_sustain = load(results, "peer-sustain")
-    if peer_sustain:
-        tables += ["## peer-sustain", sustain_summary(peer_sustain["runs"]), short_table(peer_sustain["runs"])]
+    tables = []
+    for name, renderers in STEP_TABLES.items():
+        report = load(results, name)
+        if report:
+            tables += [f"## {name}", *(render(report["runs"]) for render in renderers)]
     idle = load(results, "idle")
     if idle:
         tables += ["## idle", "```json", json.dumps(idle["idle"], indent=2), "```"]
