@@ -8,6 +8,10 @@ message (``INFO`` deltas), server CPU per message (``/proc``, clients excluded),
 the achieved rate, as a table on stdout and, with ``--json``, as a JSON document. Comma-separated
 ``--nodes`` / ``--rate`` values and ``--mode both`` run a matrix, one fresh system per run.
 
+``--mode socketio`` runs the same workload, clients and measurements against the Socket.IO peer of the
+issue's reference table instead (:class:`SocketIOStack`: Node socket.io with its Redis adapter, from
+``bench/peers/socketio``), so that the comparison is made on the same machine and hour.
+
 ``--idle-connections C`` measures something else: C idle clients on one gateway, the gateway's RSS per
 connection and how long until all of them are registered in presence (asked through the router).
 
@@ -462,10 +466,14 @@ class Stack:
     def redis_pid(self) -> int | None:
         return self.redis_child.pid if self.redis_child is not None else None
 
+    def gateway_port(self, user: int) -> int:
+        """The port of the gateway receiver ``user`` connects to (gateway ``user % N``)."""
+        return self.gateways[user % len(self.gateways)][1]
+
     def receiver_endpoint(self, user: int) -> tuple[str, str]:
-        """The URL receiver ``user`` connects to (on gateway ``user % N``) and its token."""
-        _node_id, port, _child = self.gateways[user % len(self.gateways)]
-        return f"http://127.0.0.1:{port}/ws", mint_token(self.jwt_secret, user_name(user), ttl_s=TOKEN_TTL_S)
+        """The URL receiver ``user`` connects to and its token."""
+        url = f"http://127.0.0.1:{self.gateway_port(user)}/ws"
+        return url, mint_token(self.jwt_secret, user_name(user), ttl_s=TOKEN_TTL_S)
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         self.placement.enter()
@@ -597,9 +605,8 @@ class SocketIOStack(Stack):
     """
 
     def receiver_endpoint(self, user: int) -> tuple[str, str]:
-        _node_id, port, _child = self.gateways[user % len(self.gateways)]
         query = f"EIO=4&transport=websocket&user={user_name(user)}"
-        return f"http://127.0.0.1:{port}/socket.io/?{query}", ""
+        return f"http://127.0.0.1:{self.gateway_port(user)}/socket.io/?{query}", ""  # no token to check
 
     async def _start_services(self) -> None:
         node = shutil.which("node")

@@ -4,8 +4,8 @@
 its own CPUs' worth of event loops, apart from the servers it measures and from the orchestrator. A
 worker reads JSON commands on stdin, one per line, and writes JSON events on stdout, one per line:
 
-receiver  config {role: "receiver", users: [[index, ws_url, token], ...], subprotocol, connect_concurrency,
-          ack_every, progress_s}
+receiver  config {role: "receiver", users: [[index, ws_url, token], ...], subprotocol, dialect (beeline, or
+          socketio for the peer), connect_concurrency, ack_every, progress_s}
           -> {event: "connected", count, failed, connect_ms: [...]}, then {event: "progress", received,
           warmup} every ``progress_s``; on {cmd: "report"} -> {event: "report", receipts: [[id, user, seq,
           latency_ms], ...], last_receipt, closed}
@@ -313,6 +313,7 @@ class Receivers:
             ws.handshake(host, port, path, "" if self.socketio else self.subprotocol, token)
             welcome = await ws.welcome
             if self.socketio and welcome.startswith(b"0"):  # Engine.IO's open packet: join the main namespace
+                ws.closed.add_done_callback(lambda _closed: joined.done() or joined.set_exception(WsError("closed")))
                 ws.send(b"40", OP_TEXT)
                 await joined
                 return self._track(ws)
