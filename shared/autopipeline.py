@@ -232,8 +232,8 @@ class AutoPipeline:
         connection).
 
         When the repeat ends with commands still in flight (cancelled, an error reply with copies
-        behind it), the connection is closed: Redis then drops them unrun, so none can consume what
-        nobody would handle. The next command reconnects.
+        behind it), the connection is closed, so that Redis drops the ones it has not run yet instead
+        of running them (a consuming read) for nobody. The next command reconnects.
         """
         if depth < 1:
             raise ValueError("depth must be >= 1")
