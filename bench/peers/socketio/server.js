@@ -1,8 +1,9 @@
 // The Socket.IO peer that `beeline bench --mode socketio` measures Beeline against on the same box:
 // Node socket.io 4.8 with @socket.io/redis-adapter (Redis pub/sub: every message to every node), the
 // second row of issue #4's reference table. Set up as Socket.IO's documentation recommends (WebSocket
-// transport, ws's native add-ons bufferutil and utf-8-validate) and with nothing per message that
-// Beeline does not also do.
+// transport, ws's native add-ons bufferutil and utf-8-validate), run by the bench with a 64 MB young
+// generation (NODE_OPTIONS=--max-semi-space-size=64, Node's throughput tuning), and with nothing per
+// message that Beeline does not also do.
 //
 //   ROLE=gateway PORT=.. REDIS_URL=..  a socket.io server; each client joins the room of its user
 //                                      (the `user` query parameter; there is no token to check)
