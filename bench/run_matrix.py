@@ -19,7 +19,8 @@ placement  N = 4, both modes, 1,000 msg/s, with the OS placing every process and
          a CPU of its own (``--placement router-own-cpu``), alternating, three times each
 peer     the Socket.IO peer of the reference table (``--mode socketio``: Node socket.io with
          @socket.io/redis-adapter) beside Beeline on the same machine and hour: N = 4 at 1,000 msg/s,
-         routed, broadcast and socketio alternating three times; socketio's Redis bytes at N = 1, 4, 8;
+         routed, broadcast and socketio alternating three times, then routed and socketio six times more;
+         socketio's Redis bytes at N = 1, 4, 8;
          routed and socketio flat out, alternating twice; and the single-form sustained-rate search for
          routed and socketio (needs Node.js and
          ``npm ci`` in bench/peers/socketio, which scripts/setup.sh does)
@@ -51,6 +52,7 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 STEPS: Final = ("matrix", "matrix500", "sweep", "max", "multi", "sustain", "placement", "peer", "idle", "plots")
 PLACEMENT_REPEATS: Final = 3
 PEER_REPEATS: Final = 3
+PEER_PAIRS: Final = 6
 P99_BOUND_MS: Final = 50.0
 
 # The reference figures for other systems (Redis bytes out per message at N = 1, 4, 8).
@@ -295,6 +297,7 @@ STEP_TABLES: Final[dict[str, tuple[Callable[[Sequence[dict[str, Any]]], str], ..
     "sustain": (sustain_summary, short_table),
     "placement": (placement_table,),
     "peer": (placement_table,),
+    "peer-pairs": (placement_table,),
     "peer-bytes": (matrix_table,),
     "peer-max": (short_table,),
     "peer-sustain": (sustain_summary, short_table),
@@ -314,6 +317,9 @@ def step_peer(common: list[str], batch_messages: int, results: Path) -> None:
     args = [*common, "--nodes", "4", "--mode", "routed,broadcast,socketio", "--rate", "1000"]
     reports = [bench_part(args, results / f"peer-{i + 1}.json") for i in range(PEER_REPEATS)]
     merge(reports, results / "peer.json")
+    # Beeline and the peer alone, six more alternating pairs: the ratio of the two on a noisy machine.
+    pairs = ",".join(["routed,socketio"] * PEER_PAIRS)
+    bench([*common, "--nodes", "4", "--mode", pairs, "--rate", "1000"], results / "peer-pairs.json")
     bench([*common, "--nodes", "1,4,8", "--mode", "socketio", "--rate", "1000"], results / "peer-bytes.json")
     # Flat out (64 requests in flight), alternating: capacity apart from the p99 bound of the search below.
     flat_out = ["--nodes", "4", "--mode", "routed,socketio,routed,socketio", "--messages", "20000"]
