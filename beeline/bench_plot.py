@@ -96,7 +96,8 @@ def plot_latency_vs_rate(runs: Sequence[Mapping[str, Any]], path: Path, title: s
     ax.set_yscale("log")
     rates = sorted({float(r["offered_rate"]) for r in runs if r["offered_rate"]})
     ax.set_xticks(rates)
-    ax.set_xticklabels([f"{r:,.0f}" for r in rates])
+    crowded = len(rates) > 8  # the labels of neighbouring rates would overlap on the log axis
+    ax.set_xticklabels([f"{r:,.0f}" for r in rates], rotation=45 if crowded else 0, ha="right" if crowded else "center")
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("offered rate (messages/s)")
     ax.set_ylabel("end-to-end latency (ms)")

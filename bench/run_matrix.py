@@ -349,6 +349,15 @@ def step_plots(results: Path, docs: Path) -> None:
         plot_latency_vs_rate(
             sweep["runs"], docs / "bench_latency_vs_rate.png", title="End-to-end latency vs offered rate, N = 4"
         )
+    peer_sustain = load(results, "peer-sustain")
+    if peer_sustain:
+        last_try = {(r["mode"], r["offered_rate"]): r for r in peer_sustain["runs"]}  # runs are in order
+        plot_latency_vs_rate(
+            list(last_try.values()),
+            docs / "bench_peer_latency_vs_rate.png",
+            title="End-to-end latency vs offered rate, N = 4, one hour: Beeline routed and the Socket.IO peer\n"
+            "(single form; the last try at each rate of the sustained-rate search)",
+        )
     tables = []
     for name, renderers in STEP_TABLES.items():
         report = load(results, name)
