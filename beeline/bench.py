@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal, cast, get_args
+from typing import Any, ClassVar, Final, Literal, cast, get_args
 
 import aiohttp
 import redis.asyncio
@@ -443,6 +443,8 @@ class Stack:
     killed_log_tail: dict[str, list[str]] = field(default_factory=dict)
     stop_exit_codes: dict[str, int | None] = field(default_factory=dict)
     placement: CpuPlacement = field(default_factory=lambda: CpuPlacement("shared"))
+    dialect: ClassVar[str] = "beeline"
+    """The protocol its receivers speak (:class:`beeline.bench_client.Receivers`)."""
 
     @property
     def router_url(self) -> str:
@@ -606,6 +608,8 @@ class SocketIOStack(Stack):
     adapter publishes to every gateway. The same receivers, senders, workload and measurements as a
     Beeline run, so the two compare like for like on the same machine and day.
     """
+
+    dialect: ClassVar[str] = "socketio"
 
     def receiver_endpoint(self, user: int) -> tuple[str, str]:
         query = f"EIO=4&transport=websocket&user={user_name(user)}"
@@ -777,7 +781,7 @@ async def start_receivers(
             "role": "receiver",
             "users": share,
             "subprotocol": spec.subprotocol,
-            "dialect": "socketio" if spec.mode == "socketio" else "beeline",
+            "dialect": stack.dialect,
             "connect_concurrency": connect_concurrency,
             "ack_every": spec.ack_every,
             "progress_s": PROGRESS_S,

@@ -305,24 +305,29 @@ STEP_TABLES: Final[dict[str, tuple[Callable[[Sequence[dict[str, Any]]], str], ..
 """The tables of bench/results/tables.md, in order: each report's runs through each renderer."""
 
 
+def repeated(items: str, times: int) -> str:
+    """A comma-separated list given ``times`` over: ``beeline bench`` runs its lists in order, so the
+    items alternate and see the machine's same hours."""
+    return ",".join([items] * times)
+
+
 def step_placement(common: list[str], results: Path) -> None:
-    """The same runs with both placements, alternating, so that both see the machine's same hours."""
-    args = [*common, "--nodes", "4", "--mode", "both", "--rate", "1000", "--placement", "shared,router-own-cpu"]
-    reports = [bench_part(args, results / f"placement-{i + 1}.json") for i in range(PLACEMENT_REPEATS)]
-    merge(reports, results / "placement.json")
+    """The same runs with both placements, alternating."""
+    placements = repeated("shared,router-own-cpu", PLACEMENT_REPEATS)
+    args = [*common, "--nodes", "4", "--mode", "both", "--rate", "1000", "--placement", placements]
+    bench(args, results / "placement.json")
 
 
 def step_peer(common: list[str], batch_messages: int, results: Path) -> None:
     """Beeline and the Socket.IO peer on the same machine and hour (see the module docstring)."""
-    args = [*common, "--nodes", "4", "--mode", "routed,broadcast,socketio", "--rate", "1000"]
-    reports = [bench_part(args, results / f"peer-{i + 1}.json") for i in range(PEER_REPEATS)]
-    merge(reports, results / "peer.json")
+    modes = repeated("routed,broadcast,socketio", PEER_REPEATS)
+    bench([*common, "--nodes", "4", "--mode", modes, "--rate", "1000"], results / "peer.json")
     # Beeline and the peer alone, six more alternating pairs: the ratio of the two on a noisy machine.
-    pairs = ",".join(["routed,socketio"] * PEER_PAIRS)
+    pairs = repeated("routed,socketio", PEER_PAIRS)
     bench([*common, "--nodes", "4", "--mode", pairs, "--rate", "1000"], results / "peer-pairs.json")
     bench([*common, "--nodes", "1,4,8", "--mode", "socketio", "--rate", "1000"], results / "peer-bytes.json")
     # Flat out (64 requests in flight), alternating: capacity apart from the p99 bound of the search below.
-    flat_out = ["--nodes", "4", "--mode", "routed,socketio,routed,socketio", "--messages", "20000"]
+    flat_out = ["--nodes", "4", "--mode", repeated("routed,socketio", 2), "--messages", "20000"]
     bench([*common, *flat_out], results / "peer-max.json")  # the last --messages wins
     step_sustain(common, batch_messages, results, forms=("single",), modes=("routed", "socketio"), name="peer-sustain")
 
