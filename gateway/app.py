@@ -84,9 +84,8 @@ class Gateway:
         self._store = store = Store.open(cfg, self.keys, self.metrics)
         redis = store.redis
         self._blocking = blocking = create_redis(cfg, blocking_read_ms=cfg.stream_block_ms, max_connections=4)
-        # Its timeout covers the stream reads it keeps in flight, each of which may block in turn.
         self._stream_connection = create_autopipeline(
-            cfg, blocking_read_ms=cfg.stream_block_ms * STREAM_READS_IN_FLIGHT
+            cfg, blocking_read_ms=cfg.stream_block_ms, reads_in_flight=STREAM_READS_IN_FLIGHT
         )
         self.mailbox, self.presence, self.registry = store.mailbox, store.presence, store.nodes
         self.sender = Sender(

@@ -79,15 +79,20 @@ def create_standalone(cfg: CommonConfig, *, host: str, port: int, max_connection
     return Redis.from_pool(pool)
 
 
-def create_autopipeline(cfg: CommonConfig, *, blocking_read_ms: int | None = None) -> AutoPipeline | None:
+def create_autopipeline(
+    cfg: CommonConfig, *, blocking_read_ms: int | None = None, reads_in_flight: int = 1
+) -> AutoPipeline | None:
     """A lean coalescing connection (send path, stream reads), same timeouts as the command client;
     ``None`` for a Redis Cluster, where redis-py's cluster client routes commands per slot instead.
 
-    ``blocking_read_ms``: the longest BLOCK this connection will issue; its timeout is set above it.
+    ``blocking_read_ms``: the longest BLOCK this connection will issue, ``reads_in_flight`` of them at
+    a time (Redis runs them one after the other); its timeout is set above their sum.
     """
     if cfg.redis_cluster:
         return None
-    timeout = cfg.redis_timeout_s if blocking_read_ms is None else blocking_read_ms / 1000 + cfg.redis_timeout_s
+    timeout = cfg.redis_timeout_s
+    if blocking_read_ms is not None:
+        timeout += blocking_read_ms * reads_in_flight / 1000
     return AutoPipeline(cfg.redis_url, timeout_s=timeout, connect_timeout_s=_connect_timeout_s(cfg))
 
 
