@@ -264,7 +264,11 @@ def _version(module: str) -> str:
 
 
 def git_commit(root: Path) -> str:
-    """Short commit of the checkout being measured, ``+dirty`` when tracked files differ from it."""
+    """Short commit of the checkout being measured, ``+dirty`` when tracked files differ from it.
+
+    The benchmark's own outputs (``bench/results/``, ``docs/``) are left out: ``bench/run_matrix.py``
+    rewrites them as it goes, and they say nothing about the code being measured.
+    """
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -273,7 +277,9 @@ def git_commit(root: Path) -> str:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results", ":(exclude)docs"
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
     return f"{commit}{'+dirty' if dirty else ''}" if commit else ""

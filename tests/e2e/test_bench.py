@@ -38,6 +38,7 @@ from beeline.bench_stats import (
     Receipt,
     RedisSnapshot,
     count_deliveries,
+    git_commit,
     latency_summary,
     percentile,
     resp_bulk_bytes,
@@ -268,6 +269,26 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentile([], 50) is None
     summary = latency_summary([3.0, 1.0, 2.0])
     assert summary == {"p50": 2.0, "p90": 3.0, "p99": 3.0, "max": 3.0, "mean": 2.0}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_commit_is_dirty_for_code_changes_but_not_for_the_benchmarks_own_outputs(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    for name in ("router.py", "bench/results/matrix.json", "docs/bench_cpu.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("before\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    clean = git_commit(tmp_path)
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "bench/results/matrix.json").write_text("after\n")
+    (tmp_path / "docs/bench_cpu.png").write_text("after\n")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "router.py").write_text("after\n")
+    assert git_commit(tmp_path) == f"{clean}+dirty"
 
 
 def test_redis_delta_leaves_out_the_bench_own_info_calls() -> None:
