@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs the benchmark matrix behind docs/benchmarks.md and renders its plots and tables.
 
-    .venv/bin/python bench/run_matrix.py                  # everything (about an hour on 2 cores)
+    .venv/bin/python bench/run_matrix.py                  # everything (half an hour to an hour on 2 cores)
     .venv/bin/python bench/run_matrix.py --steps plots    # re-render plots/tables from bench/results/*.json
 
 Steps (each writes bench/results/<step>.json with ``beeline bench --json``):
