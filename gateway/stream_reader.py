@@ -23,7 +23,7 @@ from shared.errors import EnvelopeDecodeError, StoreUnavailable
 from shared.keys import STREAM_GROUP, Keys
 from shared.logs import get_logger
 from shared.metrics import Metrics
-from shared.redis import UNAVAILABLE_ERRORS, RedisClient, is_cluster
+from shared.redis import UNAVAILABLE_ERRORS, RedisClient, is_cluster, is_unavailable, store_errors
 
 log = get_logger("beeline.gateway.reader")
 
@@ -133,10 +133,13 @@ class NodeStreamReader:
                 # stall): recreate it, reading from its start, and let the node re-register and resync.
                 log.warning("node_stream_lost", node_id=self._node_id)
                 try:
-                    await self._on_stream_lost()
-                except (StoreUnavailable, *UNAVAILABLE_ERRORS):
+                    with store_errors():
+                        await self._on_stream_lost()
+                except StoreUnavailable:
                     await backoff.wait()
-            except UNAVAILABLE_ERRORS as e:
+            except Exception as e:
+                if not is_unavailable(e):
+                    raise
                 if backoff.failures == 0:
                     log.warning("node_stream_read_failed", node_id=self._node_id, error=type(e).__name__)
                 await backoff.wait()
@@ -225,8 +228,9 @@ class BroadcastReader:
             try:
                 if is_cluster(self._blocking):
                     # A cluster pub/sub needs the slot map, which only a first command would load.
-                    await self._blocking.initialize()  # type: ignore[union-attr]
-            except UNAVAILABLE_ERRORS:
+                    with store_errors():
+                        await self._blocking.initialize()  # type: ignore[union-attr]
+            except StoreUnavailable:
                 await backoff.wait()
                 continue
             pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)  # type: ignore[union-attr]
@@ -245,7 +249,9 @@ class BroadcastReader:
                     self._hub.deliver_entry(entry, "routed")
             except asyncio.CancelledError:
                 raise
-            except UNAVAILABLE_ERRORS as e:
+            except Exception as e:
+                if not is_unavailable(e):
+                    raise
                 if backoff.failures == 0:
                     log.warning("broadcast_read_failed", node_id=self._node_id, error=type(e).__name__)
                 await backoff.wait()

@@ -26,7 +26,7 @@ from shared.autopipeline import AutoPipeline
 from shared.durability import DurableWriter
 from shared.envelope import STREAM_FIELD
 from shared.keys import Keys
-from shared.redis import UNAVAILABLE_ERRORS, OpGuard, RedisClient, is_cluster, lua_source, unavailable, untimed
+from shared.redis import OpGuard, RedisClient, is_cluster, is_unavailable, lua_source, unavailable, untimed
 
 MailboxObserver = Callable[[int, int, int], None]
 """Called with ``(length, trimmed, cap)`` after each append (metrics: fill ratio and trims)."""
@@ -164,7 +164,7 @@ class Mailbox:
     def _outcome(self, item: Append, raw: Any) -> Appended | Exception:
         if not isinstance(raw, Exception):
             return self._result(item, raw)
-        return unavailable(raw) if isinstance(raw, UNAVAILABLE_ERRORS) else raw
+        return unavailable(raw) if is_unavailable(raw) else raw
 
     def _result(self, item: Append, raw: Sequence[Any]) -> Appended:
         """One append's reply as :class:`Appended`, observed (fill ratio, trims)."""

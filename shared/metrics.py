@@ -29,7 +29,7 @@ from prometheus_client.metrics_core import Metric
 from shared import __version__
 from shared.errors import StoreUnavailable
 from shared.protocol import ErrorCode
-from shared.redis import UNAVAILABLE_ERRORS, unavailable
+from shared.redis import is_unavailable, unavailable
 
 CONTENT_TYPE_LATEST: Final = _CONTENT_TYPE
 
@@ -459,7 +459,7 @@ class TimedRedisOp:
             return
         if isinstance(exc, StoreUnavailable):
             self._metrics.errors.inc()
-        elif isinstance(exc, UNAVAILABLE_ERRORS):
+        elif is_unavailable(exc):
             self._metrics.errors.inc()
             raise unavailable(exc) from exc
 

@@ -21,6 +21,7 @@ from typing import Any, TypeAlias
 
 from redis import exceptions as redis_exceptions
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio import connection as redis_connection
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -128,6 +129,36 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# redis-py 8.1's asyncio cluster client closes every node connection when it refreshes the topology
+# (on MOVED every few times, on CLUSTERDOWN), also the ones other commands are writing on at that
+# moment, and a pooled connection the server has reset is written to without a check. The write then
+# fails with the event loop's or the stream's own error instead of ConnectionError: under uvloop
+# RuntimeError("... the handler is closed"), else AttributeError or TypeError on the writer that is
+# gone (redis-py#4287, fixed upstream by #4288, not in a release yet; seen here in cluster failovers).
+# The command was not sent, so that is "not available now", like a reset; any other error of those
+# types is a bug and stays one.
+_REDIS_CONNECTION_FILE = redis_connection.__file__
+_WRITE_FUNCTIONS = frozenset({"send_packed_command", "_send_packed_command"})
+
+
+def _write_on_closed_connection(error: BaseException) -> bool:
+    if not isinstance(error, (RuntimeError, AttributeError, TypeError)):
+        return False
+    tb = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in _WRITE_FUNCTIONS and code.co_filename == _REDIS_CONNECTION_FILE:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` means "Redis not reachable right now": one of :data:`UNAVAILABLE_ERRORS`, or
+    redis-py's write of a command on a connection that had already been closed."""
+    return isinstance(error, UNAVAILABLE_ERRORS) or _write_on_closed_connection(error)
+
+
 def unavailable(error: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"redis unavailable: {type(error).__name__}: {error}")
 
@@ -137,8 +168,10 @@ def store_errors() -> Iterator[None]:
     """Turns the Redis errors that mean "not reachable right now" into :class:`StoreUnavailable`."""
     try:
         yield
-    except UNAVAILABLE_ERRORS as e:
-        raise unavailable(e) from e
+    except Exception as e:
+        if is_unavailable(e):
+            raise unavailable(e) from e
+        raise
 
 
 OpGuard: TypeAlias = Callable[[str], AbstractContextManager[None]]

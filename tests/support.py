@@ -176,9 +176,12 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+LOG_TAIL_CHARS = 8000
+
+
 @dataclass
 class Service:
-    """A ``beeline gateway`` or ``beeline router`` subprocess."""
+    """A ``beeline gateway`` or ``beeline router`` subprocess; a failed test shows its log's tail."""
 
     kind: str
     port: int
@@ -242,6 +245,11 @@ class Service:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         if self.log_path is not None:
+            # Services log at warning level here, so the tail is short; pytest shows what a test printed
+            # only when it fails, which is when the servers' side of the story is wanted.
+            tail = self.logs()[-LOG_TAIL_CHARS:]
+            if tail.strip():
+                print(f"--- {self.kind} {self.node_id} on :{self.port}, log tail ---\n{tail}")
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
 
@@ -646,7 +654,7 @@ async def run_load(
     sent: dict[str, int] = dict.fromkeys(users, 0)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    pending: set[asyncio.Task[None]] = set()
+    posts: list[asyncio.Task[None]] = []
 
     async def post(messages: list[dict[str, Any]], key: str) -> None:
         deadline = loop.time() + 30
@@ -677,11 +685,14 @@ async def run_load(
             user = users[i % len(users)]
             sent[user] += 1
             messages.append({"to": user, "channel": "load", "payload": {"i": i}})
-        task = asyncio.create_task(post(messages, uuid.uuid4().hex))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-    if pending:
-        await asyncio.gather(*pending)
+        posts.append(asyncio.create_task(post(messages, uuid.uuid4().hex)))
+    # Every post is awaited here, finished or not, so that a failed one fails the load with its own
+    # error instead of leaving its messages counted as sent.
+    try:
+        await asyncio.gather(*posts)
+    finally:
+        for task in posts:
+            task.cancel()
     return sent
 
 

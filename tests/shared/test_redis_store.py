@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 
+from shared.config import RouterConfig, load
 from shared.envelope import Envelope
+from shared.errors import StoreUnavailable
 from shared.keys import Keys
 from shared.mailbox import Append, Mailbox
 from shared.nodes import NodeInfo, NodeRegistry
 from shared.presence import RedisPresenceDirectory
-from shared.redis import RedisClient
+from shared.redis import RedisClient, create_redis, store_errors
 from tests.support import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -172,3 +174,32 @@ async def test_idempotent_append_is_stored_once_per_receiver(redis_client: Redis
     assert [m.seq for m in await mailbox.read("bob", 0, count=10)] == [1, 2]
     [plain] = await mailbox.append_each([Append(env, "bob")])
     assert plain.seq == 3, "without a dedup id every append is a new message"
+
+
+def test_a_write_on_a_connection_closed_under_it_is_unavailable_not_a_crash(redis_server: RedisServer) -> None:
+    """redis-py writes a command on a pooled connection whose transport has already closed (the server
+    reset it, or the cluster client closed it for a topology refresh while the command held it) and,
+    under uvloop, fails with the loop's RuntimeError instead of ConnectionError: that reached the
+    router as a 500 in a cluster failover. The guard makes it StoreUnavailable (a 503 the sender
+    retries), the next command reconnects, and a RuntimeError of anything else stays a bug."""
+    uvloop = pytest.importorskip("uvloop")
+    cfg = load(RouterConfig, {}, redis_url=redis_server.url, api_keys=("k",))
+
+    async def scenario() -> None:
+        client = create_redis(cfg, max_connections=1)
+        try:
+            assert await client.ping()
+            pool: Any = client.connection_pool
+            connection = await pool.get_connection()
+            connection._writer.transport.close()  # as a concurrent disconnect or a reset leaves it
+            await pool.release(connection)
+            with pytest.raises(StoreUnavailable, match="handler is closed"), store_errors():
+                await client.ping()
+            assert await client.ping()  # reconnected
+            with pytest.raises(RuntimeError, match="not redis"), store_errors():
+                raise RuntimeError("not redis")
+        finally:
+            await client.aclose()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
