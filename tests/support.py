@@ -219,7 +219,12 @@ class Service:
         return http_ok(f"{self.base_url}/readyz")
 
     def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def kill(self) -> None:
         """kill -9: no drain, no cleanup."""
@@ -252,6 +257,7 @@ class Service:
                 print(f"--- {self.kind} {self.node_id} on :{self.port}, log tail ---\n{tail}")
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
+            self.log_path = None  # a second stop (the test's, then its cluster's) has nothing to show
 
 
 @dataclass
