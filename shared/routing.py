@@ -138,8 +138,9 @@ class Sender:
         ``packed``: the envelopes, already packed (and so validated) one by one with :meth:`pack`.
 
         Raises :class:`~shared.errors.StoreUnavailable` when the mailbox append fails (nothing was
-        stored). A failed push after the append is not an error: the message is safe in the mailbox and
-        reaches the receiver by gap fill or on reconnect, so its status reports ``stored``.
+        stored), and when the push after it fails: then the message is stored, and a retry with the same
+        Idempotency-Key finds its dedup marker, keeps its seq and completes the push (the gateway drops
+        a seq it has already delivered). A retry without a key appends it again.
         """
         if packed is None:
             packed = [self.pack(m.envelope) for m in messages]
