@@ -134,10 +134,11 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-# redis-py 8.1's asyncio cluster client closes every node connection when it refreshes the topology
-# (on MOVED every few times, on CLUSTERDOWN), also the ones other commands are writing on at that
-# moment, and a pooled connection the server has reset is written to without a check. The write then
-# fails with the event loop's or the stream's own error instead of ConnectionError: under uvloop
+# redis-py 8.1's asyncio cluster client closes every node connection when it rebuilds the topology
+# (on CLUSTERDOWN or a lost node; on MOVED too, unless ``reinitialize_steps=0`` as create_redis sets),
+# also the ones other commands are writing on at that moment, and a pooled connection the server has
+# reset is written to without a check. The write then fails with the event loop's or the stream's own
+# error instead of ConnectionError: under uvloop
 # RuntimeError("... the handler is closed"), else AttributeError or TypeError on the writer that is
 # gone (redis-py#4287, fixed upstream by #4288, not in a release yet; seen here in cluster failovers).
 # The command was not sent, so that is "not available now", like a reset; any other error of those

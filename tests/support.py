@@ -219,12 +219,7 @@ class Service:
         return http_ok(f"{self.base_url}/readyz")
 
     def logs(self) -> str:
-        if self.log_path is None:
-            return ""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def kill(self) -> None:
         """kill -9: no drain, no cleanup."""
