@@ -121,6 +121,21 @@ async def test_node_is_dead_after_two_missed_beats(redis_client: RedisClient, ke
     assert await registry.forget_if_dead("n1") is False
 
 
+async def test_a_node_is_dead_from_the_millisecond_of_its_deadline(redis_client: RedisClient, keys: Keys) -> None:
+    """Readers, beats and reaps agree on the boundary: with no grace at all, the deadline is the beat's
+    own millisecond, so a second beat (even in that same millisecond) finds the node expired, a read
+    sees it dead and a reap may forget it. A stricter test in the Lua once let a beat in the deadline's
+    millisecond report "live" to a node every reader had just declared dead."""
+    registry = NodeRegistry(redis_client, keys, dead_after_s=0, key_ttl_s=5)
+    info = NodeInfo("n1", connections=0, stream_lag=0, draining=False)
+    assert (await registry.beat(info)).was_absent
+    assert not (await registry.refresh()).is_live("n1")
+    for _ in range(20):  # most of these land in the previous beat's millisecond
+        again = await registry.beat(info)
+        assert again.was_expired and not again.was_absent
+    assert await registry.forget_if_dead("n1") is True
+
+
 async def test_a_node_that_registers_after_a_read_is_seen_at_once(redis_client: RedisClient, keys: Keys) -> None:
     """A reader whose cached view predates a node's first beat must not call that node dead: its
     lookup reads again (once for a burst of lookups), so the new node's first users are routed to."""
