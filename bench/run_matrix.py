@@ -360,7 +360,7 @@ def step_plots(results: Path, docs: Path) -> None:
         plot_latency_vs_rate(
             list(last_try.values()),
             docs / "bench_peer_latency_vs_rate.png",
-            title="End-to-end latency vs offered rate, N = 4, one hour: Beeline routed and the Socket.IO peer\n"
+            title="End-to-end latency vs offered rate, N = 4, one run: Beeline routed and the Socket.IO peer\n"
             "(single form; the last try at each rate of the sustained-rate search)",
         )
     tables = []
