@@ -126,18 +126,19 @@ class NodeStreamReader:
                 await self._read()
             except asyncio.CancelledError:
                 raise
-            except redis_exceptions.ResponseError as e:
-                if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
-                    raise
-                # The stream vanished while we live (Redis restarted empty, or a peer reaped us after a
-                # stall): recreate it, reading from its start, and let the node re-register and resync.
-                log.warning("node_stream_lost", node_id=self._node_id)
-                try:
-                    with store_errors():
-                        await self._on_stream_lost()
-                except StoreUnavailable:
-                    await backoff.wait()
             except Exception as e:
+                if _stream_lost(e):
+                    # The stream vanished while we live (Redis restarted empty, or a peer reaped us after
+                    # a stall): recreate it, reading from its start, and let the node re-register and
+                    # resync.
+                    log.warning("node_stream_lost", node_id=self._node_id)
+                    try:
+                        with store_errors():
+                            await self._on_stream_lost()
+                    except StoreUnavailable:
+                        await backoff.wait()
+                    continue
+                # READONLY (a demoted primary) is a ResponseError too, and one of these.
                 if not is_unavailable(e):
                     raise
                 if backoff.failures == 0:
@@ -192,6 +193,12 @@ class NodeStreamReader:
             # A bug in delivering one entry must not stop the node's stream: the entries after it,
             # for other users, would wait (or, read and dropped, be lost to the live path).
             log.exception("stream_entry_failed", node_id=self._node_id)
+
+
+def _stream_lost(error: Exception) -> bool:
+    # NOGROUP: the stream or its group is gone. UNBLOCKED: Redis ended our blocked read because the
+    # stream was deleted or the server changed role (a replica's sync replaces the whole dataset).
+    return isinstance(error, redis_exceptions.ResponseError) and ("NOGROUP" in str(error) or "UNBLOCKED" in str(error))
 
 
 def _field(flat: list[bytes]) -> bytes | None:

@@ -214,6 +214,62 @@ async def test_redis_restart_empty_recovers_without_restarts(
         cluster.stop()
 
 
+async def test_redis_demoted_to_replica_recovers_without_restarts(
+    own_redis: RedisServer, prefix: str, session: aiohttp.ClientSession
+) -> None:
+    """The gateways' Redis is demoted to a read-only replica (a failover that moved the primary away
+    without telling us), then promoted again: blocked reads are unblocked, every later write and
+    XREADGROUP answers READONLY. That is an outage like any other (503 at the router, back-off at the
+    gateway), not a crash of the stream reader every second, and the sockets survive it."""
+    new_primary = RedisServer().start()
+    cluster = Cluster(redis_url=own_redis.url, prefix=prefix)
+    admin = own_redis.client()
+    try:
+        g1 = cluster.gateway("g1")
+        router = cluster.router()
+        bob = await Client.connect(session, g1, "bob")
+        await api_send(session, router, ["bob"])
+        await bob.wait_messages(1)
+
+        admin.replicaof("127.0.0.1", new_primary.port)
+
+        def synced_read_only() -> bool:
+            info = admin.info("replication")
+            return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+        await eventually(synced_read_only, timeout=15, what="gateways' Redis synced as a replica")
+        await eventually(
+            lambda: "ReadOnlyError" in g1.logs(), timeout=15, what="the gateway's reads to fail with READONLY"
+        )
+        async with session.post(
+            f"{router.base_url}/v1/messages",
+            json={"to": "bob", "channel": "c", "payload": "refused"},
+            headers=api_headers(),
+        ) as r:
+            assert r.status == 503, await r.text()
+            assert (await r.json())["error"]["code"] == "unavailable"
+
+        admin.replicaof("NO", "ONE")
+
+        async def back_online() -> bool:
+            return (await _presence(session, router, "bob")).get("nodes") == ["g1"]
+
+        await eventually(back_online, timeout=15, what="bob re-registered by his gateway")
+        result = await api_send(session, router, ["bob"], payload="after")
+        assert [r["status"] for r in result["results"]] == ["routed"]
+        await bob.wait_for(lambda c: any(m["payload"] == "after" for m in c.messages()), what="message after demotion")
+        assert not any(m["payload"] == "refused" for m in bob.messages())
+        assert bob.close_code is None, "the socket survived the demotion"
+        assert "task_crashed" not in g1.logs(), "READONLY is an outage to wait out, not a crash"
+        for svc in cluster.services:
+            assert svc.proc is not None and svc.proc.poll() is None, f"{svc.kind} restarted or died"
+        await bob.close()
+    finally:
+        cluster.stop()
+        admin.close()
+        new_primary.cleanup()
+
+
 async def test_stuck_client_is_closed_without_delaying_others(cluster: Cluster, session: aiohttp.ClientSession) -> None:
     """A client that stops reading is closed with 4008 (slow consumer) once its outbound queue is over
     its bound; meanwhile another client on the same node keeps its latency (median within 2x of the
