@@ -25,10 +25,14 @@ from typing import Any
 
 import aiohttp
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from shared.auth import mint_token
 
 JWT_SECRET = "test-secret-" + "x" * 32
+PORT_ATTEMPTS = 5
+"""How many ports a redis-server tries on its first start before the test fails."""
 API_KEY = "test-api-key"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,13 +52,32 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def free_cluster_port() -> int:
-    """A free port <= 55535 whose cluster bus port (+10000) is free too, as Redis Cluster requires."""
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_cluster_port(taken: set[int] | None = None) -> int:
+    """A free port whose cluster bus port (+10000) is free too, as Redis Cluster requires.
+
+    Ports come from 10000-19999 (or up to the kernel's ephemeral range, if it starts lower), so bus
+    ports (20000 and up) never collide with another node's port, and the kernel's own picks for
+    outgoing connections never land on either. ``taken``: ports already picked for this cluster, not
+    started yet (so still free) and added to by this call. Once, in CI, a node's port was another
+    node's bus port: it found it in use and exited.
+    """
     import random
 
+    high = min(19999, _ephemeral_ports_start() - 10001)
+    if high < 11000:  # an ephemeral range that starts that low leaves no room below it
+        high = 19999
+    taken = taken if taken is not None else set()
     for _ in range(200):
-        port = random.randint(20000, 45000)
-        if _bindable(port) and _bindable(port + 10000):
+        port = random.randint(10000, high)
+        if port not in taken and _bindable(port) and _bindable(port + 10000):
+            taken.add(port)
             return port
     raise RuntimeError("no free port pair for a Redis Cluster node")
 
@@ -118,8 +141,16 @@ def redis_server_binary() -> str:
 class RedisServer:
     """A redis-server process of our own on a free loopback port (no persistence)."""
 
-    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = (), password: str | None = None) -> None:
-        self.port = port or free_port()
+    def __init__(
+        self,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+        password: str | None = None,
+        pick_port: Callable[[], int] = free_port,
+    ) -> None:
+        # A port we picked may be picked again if something takes it before the first start.
+        self._pick_port = pick_port if port is None else None
+        self.port = port or pick_port()
         self.password = password
         self.extra_args = (*extra_args, "--requirepass", password) if password else extra_args
         self.dir = tempfile.mkdtemp(prefix="beeline-redis-")
@@ -130,28 +161,66 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-                "--logfile",
-                os.path.join(self.dir, "redis.log"),
-                *self.extra_args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        """Starts redis-server and waits until it answers. If it exits instead, the test fails with
+        its log, unless the port it was given was taken since we picked it: then, on a first start, it
+        gets another (a restart keeps its port, which clients already know)."""
+        log_path = Path(self.dir) / "redis.log"
+        for _ in range(PORT_ATTEMPTS):
+            log_start = log_path.stat().st_size if log_path.exists() else 0
+            proc = self.proc = subprocess.Popen(
+                [
+                    redis_server_binary(),
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    self.dir,
+                    "--logfile",
+                    str(log_path),
+                    *self.extra_args,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                wait_until(self._answers_or_exited, timeout=10, what=f"redis on {self.port}")
+            except AssertionError:
+                self.stop()  # running but silent: the caller gets no server to clean up
+                raise
+            if proc.poll() is None:
+                self._pick_port = None  # started: clients may know this port from now on
+                return self
+            with log_path.open("rb") as log:
+                log.seek(log_start)
+                tail = log.read().decode(errors="replace")[-2000:]
+            if "Address already in use" not in tail or self._pick_port is None:
+                raise AssertionError(f"redis-server on {self.port} exited with {proc.returncode}:\n{tail}")
+            self.port = self._pick_port()
+        raise AssertionError(f"redis-server found no free port in {PORT_ATTEMPTS} tries")
+
+    def _answers_or_exited(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            return True
+        # One short try per poll: on a port some other process listens on, a PING with the usual
+        # timeout and retries would block past the whole deadline before the exit is noticed.
+        quick = redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),
         )
-        wait_until(self.ping, timeout=10, what=f"redis on {self.port}")
-        return self
+        try:
+            with quick:
+                return bool(quick.ping())
+        except redis.exceptions.RedisError:
+            return False
 
     def ping(self) -> bool:
         try:
@@ -490,9 +559,11 @@ class RedisClusterServer:
     def __init__(self, masters: int = 3, replicas: int = 0) -> None:
         self.masters = masters
         self.replicas = replicas
+        picked: set[int] = set()
         self.servers = [
             RedisServer(
-                port=free_cluster_port(), extra_args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+                extra_args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"),
+                pick_port=lambda: free_cluster_port(picked),
             )
             for _ in range(masters * (1 + replicas))
         ]
@@ -502,6 +573,14 @@ class RedisClusterServer:
         return ",".join(f"127.0.0.1:{s.port}" for s in self.servers[: self.masters])
 
     def start(self) -> RedisClusterServer:
+        """Starts every node and creates the cluster; if any step fails, stops the nodes it started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _start(self) -> RedisClusterServer:
         for server in self.servers:
             server.extra_args = (*server.extra_args, "--cluster-config-file", os.path.join(server.dir, "nodes.conf"))
             server.start()
