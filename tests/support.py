@@ -32,7 +32,7 @@ from shared.auth import mint_token
 
 JWT_SECRET = "test-secret-" + "x" * 32
 PORT_ATTEMPTS = 5
-"""How many ports a redis-server tries on its first start before the test fails."""
+"""How many ports a redis-server (on its first start) or a service tries before the test fails."""
 API_KEY = "test-api-key"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -353,16 +353,26 @@ class Cluster:
 
     def gateway(self, node_id: str | None = None, **extra: str) -> Service:
         node_id = node_id or f"gw{len(self.services)}"
-        port = free_port()
-        svc = Service("gateway", port, self.env(BEELINE_NODE_ID=node_id, BEELINE_PORT=str(port), **extra), node_id)
-        self.services.append(svc)
-        return svc.start()
+        return self._start("gateway", node_id, BEELINE_NODE_ID=node_id, **extra)
 
     def router(self, **extra: str) -> Service:
-        port = free_port()
-        svc = Service("router", port, self.env(BEELINE_PORT=str(port), **extra))
-        self.services.append(svc)
-        return svc.start()
+        return self._start("router", "", **extra)
+
+    def _start(self, kind: str, node_id: str, **extra: str) -> Service:
+        """Starts a service on a free port. The port is the kernel's pick, free then but not reserved:
+        one taken before the service bound it is picked again (the service exits at once, saying so)."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            port = free_port()
+            svc = Service(kind, port, self.env(BEELINE_PORT=str(port), **extra), node_id)
+            self.services.append(svc)  # stopped by stop() even if it never became ready
+            try:
+                return svc.start()
+            except AssertionError as e:
+                if "address already in use" not in str(e) or attempt == PORT_ATTEMPTS:
+                    raise
+                svc.stop()
+                self.services.remove(svc)
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         for svc in reversed(self.services):

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import RedisServer, _ephemeral_ports_start, free_cluster_port, free_port
+from tests import support
+from tests.support import Cluster, RedisServer, _ephemeral_ports_start, free_cluster_port, free_port
 
 pytestmark = pytest.mark.redis
 
@@ -65,3 +66,17 @@ def test_cluster_ports_never_collide_with_each_other_or_a_bus_port() -> None:
     assert max(ports) < min(ports) + 10000, "a node port is another node's bus port"
     if _ephemeral_ports_start() > 21000:
         assert max(ports) + 10000 < _ephemeral_ports_start()
+
+
+def test_a_service_whose_port_was_taken_starts_on_another(
+    taken_port: int, redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    picks = iter([taken_port])
+    monkeypatch.setattr(support, "free_port", lambda: next(picks, None) or free_port())
+    cluster = Cluster(redis_url=redis_server.url, prefix=prefix)
+    try:
+        router = cluster.router()
+        assert router.port != taken_port and router.ready()
+        assert cluster.services == [router], "the service that could not bind is stopped and forgotten"
+    finally:
+        cluster.stop()
