@@ -198,7 +198,10 @@ class NodeStreamReader:
 def _stream_lost(error: Exception) -> bool:
     # NOGROUP: the stream or its group is gone. UNBLOCKED: Redis ended our blocked read because the
     # stream was deleted or the server changed role (a replica's sync replaces the whole dataset).
-    return isinstance(error, redis_exceptions.ResponseError) and ("NOGROUP" in str(error) or "UNBLOCKED" in str(error))
+    if not isinstance(error, redis_exceptions.ResponseError):
+        return False
+    message = str(error)
+    return "NOGROUP" in message or "UNBLOCKED" in message
 
 
 def _field(flat: list[bytes]) -> bytes | None:

@@ -31,10 +31,10 @@ from redis.retry import Retry
 from shared.auth import mint_token
 
 JWT_SECRET = "test-secret-" + "x" * 32
-PORT_ATTEMPTS = 5
-"""How many ports a redis-server (on its first start) or a service tries before the test fails."""
 API_KEY = "test-api-key"
 ROOT = Path(__file__).resolve().parent.parent
+PORT_ATTEMPTS = 5
+"""How many ports a redis-server (on its first start) or a service tries before the test fails."""
 
 
 def free_port() -> int:
@@ -204,10 +204,11 @@ class RedisServer:
         raise AssertionError(f"redis-server found no free port in {PORT_ATTEMPTS} tries")
 
     def _answers_or_exited(self) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
-            return True
-        # One short try per poll: on a port some other process listens on, a PING with the usual
-        # timeout and retries would block past the whole deadline before the exit is noticed.
+        return self.proc is None or self.proc.poll() is not None or self.ping()
+
+    def ping(self) -> bool:
+        """One short try: on a port some other process listens on, a PING with the usual timeout and
+        retries would block past a whole start deadline before the server's exit is noticed."""
         quick = redis.Redis(
             host="127.0.0.1",
             port=self.port,
@@ -219,13 +220,6 @@ class RedisServer:
         try:
             with quick:
                 return bool(quick.ping())
-        except redis.exceptions.RedisError:
-            return False
-
-    def ping(self) -> bool:
-        try:
-            with self.client() as client:
-                return bool(client.ping())
         except redis.exceptions.RedisError:
             return False
 

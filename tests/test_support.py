@@ -1,6 +1,6 @@
-"""The suite's own Redis processes: a port taken between picking it and binding it must not fail a test
-(seen in CI, when a cluster node's port was another node's bus port), and a server that cannot start
-must fail at once with its log, leaving no process behind."""
+"""The suite's own Redis and service processes: a port taken between picking it and binding it must not
+fail a test (seen in CI, when a cluster node's port was another node's bus port), and a server that
+cannot start must fail at once with its log, leaving no process behind."""
 
 from __future__ import annotations
 
@@ -46,12 +46,19 @@ def test_a_given_port_that_is_taken_fails_at_once_with_the_log(taken_port: int) 
         server.cleanup()
 
 
-def test_a_restart_keeps_its_port(taken_port: int) -> None:
-    """Clients know a started server's port: once started, it is never picked again."""
+def test_a_restart_keeps_its_port() -> None:
+    """Clients know a started server's port: a restart whose port was taken meanwhile fails, with the
+    log, instead of moving to another port the clients would not find."""
     server = RedisServer().start()
     try:
         port = server.port
         server.stop()
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+            with pytest.raises(AssertionError, match="Address already in use"):
+                server.start()
+        assert server.port == port
         server.start()
         assert server.port == port and server.ping()
     finally:
