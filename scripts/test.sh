@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BEELINE_SETUP_TESTS=1 bash scripts/setup.sh
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
-.venv/bin/mypy
-exec .venv/bin/pytest "$@"
+bin=${BEELINE_VENV:-.venv}/bin
+"$bin/ruff" check .
+"$bin/ruff" format --check .
+"$bin/mypy"
+exec "$bin/pytest" "$@"

@@ -140,9 +140,10 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 # reset is written to without a check. The write then fails with the event loop's or the stream's own
 # error instead of ConnectionError: under uvloop
 # RuntimeError("... the handler is closed"), else AttributeError or TypeError on the writer that is
-# gone (redis-py#4287, fixed upstream by #4288, not in a release yet; seen here in cluster failovers).
-# The command was not sent, so that is "not available now", like a reset; any other error of those
-# types is a bug and stays one.
+# gone (redis-py#4287; seen here in cluster failovers). redis-py 8.2 (#4288) checks the transport first
+# and raises ConnectionError, which needs nothing of this; the check stays for the older releases that
+# pyproject's range allows. The command was not sent, so that is "not available now", like a reset; any
+# other error of those types is a bug and stays one.
 _REDIS_CONNECTION_FILE = redis_connection.__file__
 _WRITE_FUNCTIONS = frozenset({"send_packed_command", "_send_packed_command"})
 

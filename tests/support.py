@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -50,6 +51,27 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def port_taken(port: int) -> bool:
+    """Whether another socket listens on the loopback ``port``: judged by trying to bind it as servers do
+    (SO_REUSEADDR, so a closed connection's TIME_WAIT does not count), not by any server's log wording."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+class ServerExited(AssertionError):
+    """A server the suite started exited instead of serving; ``port_taken`` says whether its port was
+    in use by another socket when it was seen to exit."""
+
+    def __init__(self, message: str, *, port_taken: bool) -> None:
+        super().__init__(message)
+        self.port_taken = port_taken
 
 
 def _ephemeral_ports_start() -> int:
@@ -198,8 +220,10 @@ class RedisServer:
             with log_path.open("rb") as log:
                 log.seek(log_start)
                 tail = log.read().decode(errors="replace")[-2000:]
-            if "Address already in use" not in tail or self._pick_port is None:
-                raise AssertionError(f"redis-server on {self.port} exited with {proc.returncode}:\n{tail}")
+            taken = port_taken(self.port)
+            if not taken or self._pick_port is None:
+                message = f"redis-server on {self.port} exited with {proc.returncode}:\n{tail}"
+                raise ServerExited(message, port_taken=taken)
             self.port = self._pick_port()
         raise AssertionError(f"redis-server found no free port in {PORT_ATTEMPTS} tries")
 
@@ -273,7 +297,8 @@ class Service:
 
     def ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"{self.kind} exited with {self.proc.returncode}:\n{self.logs()}")
+            message = f"{self.kind} exited with {self.proc.returncode}:\n{self.logs()}"
+            raise ServerExited(message, port_taken=port_taken(self.port))
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                 pass
@@ -283,6 +308,16 @@ class Service:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def events(self) -> list[str]:
+        """The ``event`` of each structured (JSON) line the service has logged so far, in order."""
+        events = []
+        for line in self.logs().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("event"), str):
+                    events.append(record["event"])
+        return events
 
     def kill(self) -> None:
         """kill -9: no drain, no cleanup."""
@@ -361,8 +396,8 @@ class Cluster:
             self.services.append(svc)  # stopped by stop() even if it never became ready
             try:
                 return svc.start()
-            except AssertionError as e:
-                if "address already in use" not in str(e) or attempt == PORT_ATTEMPTS:
+            except ServerExited as e:
+                if not e.port_taken or attempt == PORT_ATTEMPTS:
                     raise
                 svc.stop()
                 self.services.remove(svc)
@@ -444,8 +479,6 @@ class Client:
     async def _receive_one(self, timeout: float) -> dict[str, Any] | None:
         msg = await self.ws.receive(timeout=timeout)
         if msg.type == aiohttp.WSMsgType.TEXT:
-            import json
-
             return dict(json.loads(msg.data))
         if msg.type == aiohttp.WSMsgType.BINARY:
             import msgpack
@@ -692,7 +725,6 @@ class ResumingClient:
                 await ws.close()
 
     async def _consume(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        import json
 
         unacked = 0
         async for msg in ws:

@@ -70,7 +70,7 @@ async def test_concurrent_commands_keep_their_order_and_share_a_write(own_redis:
 async def test_error_replies_raise_after_every_reply_arrived(own_redis: RedisServer) -> None:
     fast = pipeline(own_redis)
     try:
-        with pytest.raises(redis_exceptions.ResponseError, match=r"WRONGTYPE|not an integer"):
+        with pytest.raises(redis_exceptions.ResponseError):
             await fast.execute_many([("SET", "k", "text"), ("INCR", "k"), ("SET", "after", 1)])
         # The command after the failing one still ran: a batch is not a transaction.
         assert await fast.execute("GET", "after") == b"1"
@@ -208,8 +208,9 @@ async def test_password_and_database_from_the_url() -> None:
             await fast.aclose()
         wrong = AutoPipeline(f"redis://:nope@127.0.0.1:{server.port}/0", timeout_s=2.0, connect_timeout_s=1.0)
         try:
-            with pytest.raises(StoreUnavailable, match=r"WRONGPASS|invalid password"), store_errors():
+            with pytest.raises(StoreUnavailable) as refused, store_errors():
                 await wrong.execute("PING")
+            assert "nope" not in str(refused.value), "the password never appears in an error"
         finally:
             await wrong.aclose()
     finally:
@@ -247,7 +248,7 @@ async def test_a_repeated_command_ends_at_an_error_reply_a_lost_connection_or_a_
     fast = pipeline(own_redis, timeout_s=10.0)
     try:
         await fast.execute("SET", "text", "v")
-        with pytest.raises(redis_exceptions.ResponseError, match="WRONGTYPE"):
+        with pytest.raises(redis_exceptions.ResponseError):
             await asyncio.wait_for(fast.repeat(("BLPOP", "text", 1), lambda _reply: None), timeout=5)
         assert await command_calls(own_redis, "blpop") == (1,)  # not written again after the error
 

@@ -208,7 +208,9 @@ def test_a_write_on_a_connection_closed_under_it_is_unavailable_not_a_crash(redi
             connection = await pool.get_connection()
             connection._writer.transport.close()  # as a concurrent disconnect or a reset leaves it
             await pool.release(connection)
-            with pytest.raises(StoreUnavailable, match="handler is closed"), store_errors():
+            # Whatever redis-py and the loop say about it (a RuntimeError under uvloop before redis-py
+            # 8.2, a ConnectionError from 8.2 on), Beeline's answer is the same: unavailable, retry.
+            with pytest.raises(StoreUnavailable), store_errors():
                 await client.ping()
             assert await client.ping()  # reconnected
             with pytest.raises(RuntimeError, match="not redis"), store_errors():
