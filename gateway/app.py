@@ -22,14 +22,16 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
-from gateway.connection import Connection
+from gateway.connection import Connection, Outlet, RateLimiter, WebSocketOutlet
 from gateway.heartbeat import Heartbeat
 from gateway.hub import ConnectionHub
+from gateway.sockjs import SockJSEndpoint, SockJSSession
+from gateway.stomp_session import STOMP_SUBPROTOCOLS, StompSession
 from gateway.stream_reader import STREAM_READS_IN_FLIGHT, BroadcastReader, InboundReader, NodeStreamReader
 from shared.auth import Identity, TokenVerifier, bearer
 from shared.autopipeline import AutoPipeline
@@ -39,9 +41,10 @@ from shared.errors import AuthError, InvalidRequest, StoreUnavailable
 from shared.http import json_error, json_response
 from shared.keys import Keys
 from shared.logs import get_logger
+from shared.mailbox import SequenceState
 from shared.metrics import CONTENT_TYPE_LATEST, Metrics
 from shared.nodes import NodeInfo
-from shared.protocol import SUBPROTOCOLS, CloseCode, ErrorCode, codec_for, error_frame, parse_send
+from shared.protocol import SUBPROTOCOLS, CloseCode, ErrorCode, FrameCodec, codec_for, error_frame, parse_send
 from shared.redis import RedisClient, create_autopipeline, create_redis, describe_target
 from shared.routing import Message, Sender
 from shared.runtime import stop_task
@@ -77,6 +80,16 @@ class Gateway:
         self._store: Store | None = None
         self._blocking: RedisClient | None = None
         self._stream_connection: AutoPipeline | None = None
+        self.sockjs = SockJSEndpoint(
+            cfg.sockjs_path,
+            self._serve_sockjs,
+            heartbeat_s=cfg.sockjs_heartbeat_s,
+            disconnect_delay_s=cfg.sockjs_disconnect_delay_s,
+            max_message_bytes=cfg.max_frame_bytes,
+            max_sessions=cfg.max_connections,
+            raw_websocket=self._serve_raw_stomp,
+            authorize=self._admit_sockjs,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -219,6 +232,7 @@ class Gateway:
             async with asyncio.timeout_at(deadline):
                 await stop_task(self._heartbeat_task)
                 await stop_task(self._reader_task)
+                await self.sockjs.close()
                 with contextlib.suppress(StoreUnavailable):
                     await self.presence.reap(self.node_id)  # now the stream too: nobody reads it any more
                 if self._handlers:
@@ -244,8 +258,9 @@ class Gateway:
         self._conn_counter += 1
         return f"{self.node_id}-{os.getpid():x}-{self._conn_counter:x}"
 
-    async def serve(self, request: web.Request) -> web.StreamResponse:
-        """``GET /ws``: authenticate, upgrade, register, catch up, then read frames until close."""
+    async def serve(self, request: web.Request, *, stomp: bool = False) -> web.StreamResponse:
+        """``GET /ws``: authenticate, upgrade, register, catch up, then read frames until close. STOMP
+        when the client offers only STOMP subprotocols (or ``stomp``: the raw SockJS websocket)."""
         cfg = self.cfg
         if self.draining:
             return json_error(503, "draining", "this node is draining; connect to another", retry_after=1)
@@ -256,6 +271,8 @@ class Gateway:
             return json_error(503, "busy", "too many connections being set up; retry shortly", retry_after=1)
         self._handshakes += 1
         try:
+            if stomp or _wants_stomp(request):
+                return await self._upgrade_stomp(request)
             return await self._upgrade(request)
         finally:
             self._handshake_done(request)
@@ -279,42 +296,140 @@ class Gateway:
             since, since_epoch = _parse_since(request)
         except InvalidRequest as e:
             return json_error(400, e.code, e.message)
-        ws = web.WebSocketResponse(
-            protocols=SUBPROTOCOLS, heartbeat=cfg.ping_interval_s, max_msg_size=cfg.max_frame_bytes, compress=False
-        )
+        ws = self.websocket(SUBPROTOCOLS)
         await ws.prepare(request)
-        conn = Connection(
+        codec = codec_for(ws.ws_protocol)
+        conn = self.connection(identity.user_id, WebSocketOutlet(ws, request.transport, binary=codec.binary), codec)
+
+        async def serve(conn: Connection, state: SequenceState) -> None:
+            conn.send_frame(
+                {
+                    "type": "welcome",
+                    "node": self.node_id,
+                    "user": conn.user_id,
+                    "conn": conn.conn_id,
+                    "epoch": state.epoch,
+                }
+            )
+            resume = since is not None and (since_epoch in (None, state.epoch)) and since <= state.last_seq
+            conn.begin(state, since if resume and since is not None else state.acked)
+            self._handshake_done(request)
+            await self._read_frames(conn, ws)
+
+        async with self.handler():
+            await self.run_connection(conn, identity, serve)
+        return ws
+
+    async def _upgrade_stomp(self, request: web.Request) -> web.StreamResponse:
+        # A token on the upgrade is checked before it (401, as on /ws); without one the CONNECT frame
+        # or the cookie must carry it.
+        try:
+            identity = self._upgrade_identity(request)
+        except AuthError as e:
+            self.metrics.reject("unauthorized")
+            return json_error(401, "unauthorized", str(e))
+        if len(self.hub) >= self.cfg.max_connections:
+            self.metrics.reject("over_capacity")
+            return json_error(503, "over_capacity", "connection limit reached on this node", retry_after=2)
+        ws = self.websocket(STOMP_SUBPROTOCOLS)
+        await ws.prepare(request)
+        session = StompSession(
+            self,
+            WebSocketOutlet(ws, request.transport, binary=False),
+            _inbound_bytes(ws),
+            protocol="stomp",
+            identity=identity,
+            cookie_token=request.cookies.get(self.cfg.token_cookie),
+            established=lambda: self._handshake_done(request),
+        )
+        async with self.handler():
+            await session.run()
+        return ws
+
+    def _upgrade_identity(self, request: web.Request) -> Identity | None:
+        token = bearer(request.headers.get("Authorization")) or request.query.get("token")
+        return self.verifier.verify(token) if token else None
+
+    def _admit_sockjs(self, request: web.Request) -> web.StreamResponse | None:
+        """Before a SockJS session opens: the same refusals as an upgrade of ``/ws``."""
+        if self.draining:
+            return json_error(503, "draining", "this node is draining; connect to another", retry_after=1)
+        try:
+            self._upgrade_identity(request)
+        except AuthError as e:
+            self.metrics.reject("unauthorized")
+            return json_error(401, "unauthorized", str(e))
+        if len(self.hub) >= self.cfg.max_connections:
+            self.metrics.reject("over_capacity")
+            return json_error(503, "over_capacity", "connection limit reached on this node", retry_after=2)
+        return None
+
+    async def _serve_sockjs(self, session: SockJSSession) -> None:
+        request = session.request
+        try:
+            identity = self._upgrade_identity(request)
+        except AuthError:
+            identity = None  # refused by _admit_sockjs already; the CONNECT must authenticate then
+        stomp = StompSession(
+            self,
+            session,
+            session.inbound(),
+            protocol=f"sockjs-{session.transport}",
+            identity=identity,
+            cookie_token=request.cookies.get(self.cfg.token_cookie),
+        )
+        async with self.handler():
+            await stomp.run()
+
+    async def _serve_raw_stomp(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve(request, stomp=True)
+
+    def websocket(self, protocols: tuple[str, ...]) -> web.WebSocketResponse:
+        """A WebSocket response with the gateway's limits: ping interval, largest inbound frame."""
+        cfg = self.cfg
+        return web.WebSocketResponse(
+            protocols=protocols, heartbeat=cfg.ping_interval_s, max_msg_size=cfg.max_frame_bytes, compress=False
+        )
+
+    def connection(
+        self, user_id: str, outlet: Outlet, codec: FrameCodec, *, protocol: str = "beeline", **options: Any
+    ) -> Connection:
+        """A new connection of ``user_id`` on this node, not yet registered (see :meth:`run_connection`)."""
+        cfg = self.cfg
+        return Connection(
             conn_id=self.next_conn_id(),
-            user_id=identity.user_id,
-            ws=ws,
-            transport=request.transport,
-            codec=codec_for(ws.ws_protocol),
+            user_id=user_id,
+            outlet=outlet,
+            codec=codec,
             metrics=self.metrics,
             read_mailbox=lambda user, after, count: self.mailbox.read(user, after, count=count),
             max_frames=cfg.outbound_max_frames,
             max_bytes=cfg.outbound_max_bytes,
+            protocol=protocol,
+            **options,
         )
+
+    @contextlib.asynccontextmanager
+    async def handler(self) -> AsyncIterator[None]:
+        """Marks the current task as a connection handler, which stop() waits for."""
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
         try:
-            await self._run_connection(conn, identity, since, since_epoch, lambda: self._handshake_done(request))
+            yield
         finally:
             if task is not None:
                 self._handlers.discard(task)
-        return ws
 
-    async def _run_connection(
-        self,
-        conn: Connection,
-        identity: Identity,
-        since: int | None,
-        since_epoch: str | None,
-        established: Callable[[], None],
+    async def run_connection(
+        self, conn: Connection, identity: Identity, serve: Callable[[Connection, SequenceState], Awaitable[None]]
     ) -> None:
+        """The life of one connection, whatever its protocol: registers it (hub and presence), opens the
+        user's sequence, runs ``serve`` (the protocol: greeting, start point, inbound frames) until the
+        connection ends, closes it at token expiry, then unregisters it."""
         registered = False
         self.hub.add(conn)
-        self.metrics.connects.labels(self.node_id).inc()
+        self.metrics.connects.labels(self.node_id, conn.protocol).inc()
         expiry = asyncio.get_running_loop().call_later(
             max(0.0, identity.expires_at - time.time()), conn.close, CloseCode.TOKEN_EXPIRED, "token expired"
         )
@@ -329,19 +444,7 @@ class Gateway:
                 conn.close(CloseCode.TRY_AGAIN_LATER, "store unavailable")
                 await conn.wait_closed()
                 return
-            conn.send_frame(
-                {
-                    "type": "welcome",
-                    "node": self.node_id,
-                    "user": conn.user_id,
-                    "conn": conn.conn_id,
-                    "epoch": state.epoch,
-                }
-            )
-            resume = since is not None and (since_epoch in (None, state.epoch)) and since <= state.last_seq
-            conn.begin(state, since if resume and since is not None else state.acked)
-            established()
-            await self._read_frames(conn)
+            await serve(conn, state)
             reason = _close_reason(conn)
         finally:
             expiry.cancel()
@@ -352,9 +455,12 @@ class Gateway:
             await conn.release()
             self.metrics.disconnects.labels(self.node_id, reason).inc()
 
-    async def _read_frames(self, conn: Connection) -> None:
-        limiter = RateLimiter(self.cfg.rate_limit_per_s, self.cfg.rate_limit_burst)
-        async for msg in conn.ws:
+    def rate_limiter(self) -> RateLimiter:
+        return RateLimiter(self.cfg.rate_limit_per_s, self.cfg.rate_limit_burst)
+
+    async def _read_frames(self, conn: Connection, ws: web.WebSocketResponse) -> None:
+        limiter = self.rate_limiter()
+        async for msg in ws:
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 if not limiter.allow():
                     self._reject(conn, ErrorCode.RATE_LIMITED, "over the per-connection rate limit", None)
@@ -378,9 +484,9 @@ class Gateway:
                 if not isinstance(channel, str) or not channel:
                     raise InvalidRequest(ErrorCode.INVALID_FIELD, "channel must be a non-empty string")
                 if kind == "subscribe":
-                    conn.subscriptions.add(channel)
+                    conn.subscribe(channel)
                 else:
-                    conn.subscriptions.discard(channel)
+                    conn.unsubscribe(channel)
             else:
                 raise InvalidRequest(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind!r}")
         except InvalidRequest as e:
@@ -415,33 +521,28 @@ class Gateway:
             await self.mailbox.ack(conn.user_id, conn.epoch, limit)
 
 
-class RateLimiter:
-    """Token bucket: ``rate`` frames per second with bursts of ``burst``."""
-
-    __slots__ = ("_burst", "_last", "_rate", "_tokens")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._last = time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-
 def _valid_ref(ref: object) -> bool:
     return (
         ref is None
         or (isinstance(ref, str) and len(ref) <= 256)
         or (isinstance(ref, int) and not isinstance(ref, bool))
     )
+
+
+def _wants_stomp(request: web.Request) -> bool:
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    return not any(p in SUBPROTOCOLS for p in offered) and any(p in STOMP_SUBPROTOCOLS for p in offered)
+
+
+async def _inbound_bytes(ws: web.WebSocketResponse) -> AsyncIterator[bytes]:
+    """A STOMP WebSocket's inbound data: text and binary messages alike, as bytes, until the close."""
+    async for msg in ws:
+        if msg.type == WSMsgType.TEXT:
+            yield msg.data.encode()
+        elif msg.type == WSMsgType.BINARY:
+            yield msg.data
+        elif msg.type == WSMsgType.ERROR:
+            return
 
 
 def _close_reason(conn: Connection) -> str:
@@ -512,6 +613,7 @@ def create_app(cfg: GatewayConfig, *, registry: CollectorRegistry | None = None)
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/ws", _ws)
+    gateway.sockjs.add_routes(app)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)

@@ -21,7 +21,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
@@ -57,7 +57,83 @@ def ws_frame(data: bytes, opcode: int) -> bytes:
     return struct.pack("!BBQ", 0x80 | opcode, 127, length) + data
 
 
+class Outlet(Protocol):
+    """Where a connection's frames go: a WebSocket, or a SockJS session (gateway/sockjs.py) that frames
+    them for its transport. ``data`` is one encoded frame of the connection's protocol."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def write_now(self, data: bytes) -> bool:
+        """Writes (or takes) ``data`` at once if that cannot block; False: queue it and :meth:`send` later."""
+        ...
+
+    async def send(self, data: bytes) -> None:
+        """Writes ``data``, waiting for room; raises ConnectionError if the peer is gone."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+    def abort(self) -> None:
+        """Drops the peer at once, without a close handshake."""
+        ...
+
+    @property
+    def abort_after_close(self) -> bool:
+        """Whether a peer that has not finished the close handshake ``CLOSE_GRACE_S`` after our close is
+        dropped (a WebSocket); a SockJS session times out by its own rules instead."""
+        ...
+
+
+class WebSocketOutlet:
+    """An aiohttp WebSocket as an :class:`Outlet`: a frame goes straight onto the TCP transport when its
+    send buffer is below ``DIRECT_WRITE_LIMIT`` (no writer-task wake-up), else through aiohttp."""
+
+    __slots__ = ("_opcode", "_transport", "binary", "ws")
+    abort_after_close: Final = True
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None, *, binary: bool) -> None:
+        self.ws = ws
+        self.binary = binary
+        self._opcode = _BINARY if binary else _TEXT
+        # aiohttp hands every WebSocket its connection's transport; uvloop's is an asyncio.Transport
+        # without subclassing it.
+        self._transport: Any = transport
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
+
+    def write_now(self, data: bytes) -> bool:
+        transport = self._transport
+        if (
+            transport is None
+            or self.ws.closed
+            or transport.is_closing()
+            or transport.get_write_buffer_size() >= DIRECT_WRITE_LIMIT
+        ):
+            return False
+        transport.write(ws_frame(data, self._opcode))
+        return True
+
+    async def send(self, data: bytes) -> None:
+        if self.binary:
+            await self.ws.send_bytes(data)
+        else:
+            await self.ws.send_str(data.decode())
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.ws.close(code=code, message=reason.encode())
+
+    def abort(self) -> None:
+        # Also when aiohttp already called transport.close(): a graceful close waits for the send
+        # buffer to flush, which a peer that stopped reading never allows.
+        if self._transport is not None:
+            self._transport.abort()
+
+
 MailboxReader = Callable[[str, int, int], Awaitable[list[StoredMessage]]]
+WrittenHook = Callable[[int], None]
 MailboxOpener = Callable[[str], Awaitable[SequenceState]]
 
 
@@ -77,32 +153,39 @@ class Connection:
         *,
         conn_id: str,
         user_id: str,
-        ws: web.WebSocketResponse,
-        transport: asyncio.BaseTransport | None,
+        outlet: Outlet,
         codec: FrameCodec,
         metrics: Metrics,
         read_mailbox: MailboxReader,
         max_frames: int,
         max_bytes: int,
+        protocol: str = "beeline",
+        only_subscribed: bool = False,
+        on_written: WrittenHook | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.user_id = user_id
-        self.ws = ws
+        self.outlet = outlet
         self.codec = codec
+        self.protocol = protocol
         self.subscriptions: set[str] = set()
+        # STOMP: a connection receives only the channels it subscribed to, none before its first
+        # SUBSCRIBE, and subscribing to a channel delivers that channel's unread messages (replay).
+        self.only_subscribed = only_subscribed
         self.epoch: str | None = None
         self.last_seq = 0
         self.first_filtered: int | None = None
         self.close_code: int | None = None
-        # aiohttp hands every WebSocket its connection's transport; uvloop's is an asyncio.Transport
-        # without subclassing it.
-        self._transport: Any = transport
+        self._on_written = on_written
         self._metrics = metrics
+        self._delivered = metrics.delivery_recorder(protocol)
         self._node = metrics.node
         self._read_mailbox = read_mailbox
         self._max_frames = max_frames
         self._max_bytes = max_bytes
-        self._queue: deque[tuple[bytes, float, str]] = deque()
+        self._replays: set[str] = set()
+        self._unsubscribed_at: dict[str, int] = {}
+        self._queue: deque[tuple[bytes, float, str, int]] = deque()
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
@@ -171,6 +254,7 @@ class Connection:
         self.last_seq = 0
         self.first_filtered = None
         self._target = 0
+        self._unsubscribed_at.clear()
         self._parked = {s: item for s, item in self._parked.items() if item[1].epoch == epoch}
 
     def _start_sync(self) -> None:
@@ -200,6 +284,9 @@ class Connection:
 
     async def _sync_until_caught_up(self) -> None:
         while self.close_code is None and self.epoch is not None:
+            if self._replays:
+                await self._replay_subscribed()
+                continue
             if not await self._drain_parked_paced():
                 return
             if self.last_seq >= self._target:
@@ -258,29 +345,98 @@ class Connection:
 
     def _emit(self, envelope: Envelope, recipient: Recipient, path: str) -> None:
         self.last_seq = recipient.seq
-        if self.subscriptions and envelope.channel not in self.subscriptions:
+        if (self.subscriptions or self.only_subscribed) and envelope.channel not in self.subscriptions:
             # Not delivered here, so it stays unread for the user's other connections: this
             # connection's cumulative acks must stop below it (see ack_limit).
             if self.first_filtered is None:
                 self.first_filtered = recipient.seq
             return
+        self._write_message(envelope, recipient, path)
+
+    def _write_message(self, envelope: Envelope, recipient: Recipient, path: str) -> None:
         try:
-            self.send_frame(message_frame(envelope, recipient), envelope.ts, path)
+            self.send_frame(message_frame(envelope, recipient), envelope.ts, path, recipient.seq)
         except (TypeError, ValueError, OverflowError):
             # A payload this connection's subprotocol has no form for (input validation should have
             # refused it): skipped and logged, rather than failing the node's stream read or closing
             # a connection that would then fail the same way on every catch-up.
             log.exception("message_unencodable", user_id=self.user_id, conn_id=self.conn_id, msg_id=envelope.msg_id)
 
+    # -- subscriptions ------------------------------------------------------------------------------
+    def subscribe(self, channel: str) -> None:
+        """From now on ``channel`` is delivered here; with ``only_subscribed``, its messages that this
+        connection filtered out so far (still unread for it) are delivered too, by the sync task."""
+        if channel in self.subscriptions:
+            return
+        self.subscriptions.add(channel)
+        if self.only_subscribed and self.epoch is not None and self.first_filtered is not None:
+            self._replays.add(channel)
+            if not self._syncing:
+                self._start_sync()
+
+    def unsubscribe(self, channel: str) -> None:
+        if channel not in self.subscriptions:
+            return
+        self.subscriptions.discard(channel)
+        if channel in self._replays:
+            self._replays.discard(channel)  # its filtered messages were never replayed: they still count
+        else:
+            self._unsubscribed_at[channel] = self.last_seq  # everything of it up to here was delivered
+
+    async def _replay_subscribed(self) -> None:
+        """Delivers the filtered-out messages of newly subscribed channels: the mailbox between the first
+        filtered seq and ``last_seq``. Runs in the sync task, so no live item is written meanwhile; each
+        channel keeps its seq order, and a seq is still written at most once (a channel's messages up to
+        its last unsubscribe were delivered then). ``first_filtered`` becomes the first message in that
+        range that is still not delivered here."""
+        channels, self._replays = self._replays, set()
+        epoch = self.epoch
+        if self.first_filtered is None or epoch is None:
+            return
+        cursor, last = self.first_filtered - 1, self.last_seq
+        still_filtered: int | None = None
+        while cursor < last:
+            page = await self._read_mailbox(self.user_id, cursor, CATCHUP_PAGE)
+            if epoch != self.epoch:
+                return  # the sequence restarted: nothing filtered is left of the old one
+            if not page:
+                break
+            for stored in page:
+                if stored.seq > last:
+                    break
+                cursor = stored.seq
+                try:
+                    envelope = Envelope.unpack(stored.envelope)
+                except EnvelopeDecodeError:
+                    continue
+                channel = envelope.channel
+                if channel in channels and channel in self.subscriptions:
+                    if stored.seq > self._unsubscribed_at.get(channel, 0):
+                        if not await self._wait_for_room(epoch):
+                            return
+                        self._write_message(envelope, Recipient(self.user_id, stored.seq, epoch), "mailbox")
+                elif still_filtered is None and (channel not in self.subscriptions or channel in self._replays):
+                    still_filtered = stored.seq
+            else:
+                continue
+            break
+        self.first_filtered = still_filtered
+
     # -- outbound -----------------------------------------------------------------------------------
-    def send_frame(self, frame: dict[str, Any], ts: float = 0.0, path: str = "") -> None:
-        """Queues a frame; closes the connection as a slow consumer when over the bound."""
+    def send_frame(self, frame: dict[str, Any], ts: float = 0.0, path: str = "", seq: int = 0) -> None:
+        """Encodes and queues a frame; closes the connection as a slow consumer when over the bound."""
         if self.close_code is not None:
             return
-        data = self.codec.encode(frame)
-        if not self._queue and self._write_direct(data):
+        self.send_data(self.codec.encode(frame), ts, path, seq)
+
+    def send_data(self, data: bytes, ts: float = 0.0, path: str = "", seq: int = 0) -> None:
+        """Queues one encoded frame; ``path`` and ``seq`` are set for a message (delivery metrics and the
+        ``on_written`` hook once it is written)."""
+        if self.close_code is not None:
+            return
+        if not self._queue and self.outlet.write_now(data):
             if path:
-                self._metrics.delivered(path, max(0.0, time.time() - ts))
+                self._written(ts, path, seq)
             return
         size = len(data)
         if len(self._queue) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
@@ -288,43 +444,30 @@ class Connection:
             log.warning("slow_consumer_closed", user_id=self.user_id, conn_id=self.conn_id, queued=len(self._queue))
             self.close(CloseCode.SLOW_CONSUMER)
             return
-        self._queue.append((data, ts, path))
+        self._queue.append((data, ts, path, seq))
         self._queued_bytes += size
         if len(self._queue) >= self._max_frames // 2 or self._queued_bytes >= self._max_bytes // 2:
             self._room.clear()
         self._wakeup.set()
 
-    def _write_direct(self, data: bytes) -> bool:
-        """Writes the frame onto the socket now, without the writer task's wake-up, when nothing waits
-        before it (the queue is empty, so order holds) and the socket keeps up; False: queue it."""
-        transport = self._transport
-        if (
-            transport is None
-            or self.ws.closed
-            or transport.is_closing()
-            or transport.get_write_buffer_size() >= DIRECT_WRITE_LIMIT
-        ):
-            return False
-        transport.write(ws_frame(data, _BINARY if self.codec.binary else _TEXT))
-        return True
+    def _written(self, ts: float, path: str, seq: int) -> None:
+        self._delivered(path, max(0.0, time.time() - ts))
+        if self._on_written is not None:
+            self._on_written(seq)
 
     async def _write_loop(self) -> None:
-        ws = self.ws
-        delivered = self._metrics.delivered
+        outlet = self.outlet
         try:
             while self.close_code is None:
                 if not self._queue:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                data, ts, path = self._queue.popleft()
+                data, ts, path, seq = self._queue.popleft()
                 self._queued_bytes -= len(data)
-                if self.codec.binary:
-                    await ws.send_bytes(data)
-                else:
-                    await ws.send_str(data.decode())
+                await outlet.send(data)
                 if path:
-                    delivered(path, max(0.0, time.time() - ts))
+                    self._written(ts, path, seq)
                 if not self._room.is_set() and len(self._queue) < self._max_frames // 4:
                     self._room.set()
                 if not self._queue and self._drained is not None:
@@ -345,27 +488,22 @@ class Connection:
         self._closing = asyncio.create_task(self._close(code, reason), name=f"ws-close-{self.conn_id}")
 
     async def _close(self, code: int, reason: str) -> None:
-        # What is queued is dropped (it waits in the mailbox); a frame already handed to aiohttp goes
+        # What is queued is dropped (it waits in the mailbox); a frame already handed to the outlet goes
         # out before the close frame. The writer is not cancelled: aiohttp shares one drain waiter
         # between writers, and cancelling a writer blocked in it would cancel the close frame's drain.
         self._queue.clear()
         self._queued_bytes = 0
         self._wakeup.set()
         try:
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), timeout=CLOSE_GRACE_S)
+            await asyncio.wait_for(self.outlet.close(code, reason), timeout=CLOSE_GRACE_S)
         except (TimeoutError, ConnectionError, RuntimeError):
             # The peer did not take the close frame in time (it stopped reading): drop the connection.
-            self._abort()
+            self.outlet.abort()
             return
-        # The close frame is out; a peer that stopped reading never answers it, and aiohttp would wait
-        # for that answer until its ping times out. Give it a grace period, then drop the TCP connection.
-        self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._abort)
-
-    def _abort(self) -> None:
-        # Also when aiohttp already called transport.close(): a graceful close waits for the send
-        # buffer to flush, which a peer that stopped reading never allows.
-        if self._transport is not None:
-            self._transport.abort()
+        if self.outlet.abort_after_close:
+            # The close frame is out; a peer that stopped reading never answers it, and aiohttp would
+            # wait for that answer until its ping times out. Give it a grace period, then drop it.
+            self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self.outlet.abort)
 
     async def flush_and_close(self, code: int, timeout_s: float) -> None:
         """Lets queued frames go out (bounded by ``timeout_s``), then closes with ``code``."""
@@ -394,3 +532,24 @@ class Connection:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class RateLimiter:
+    """Token bucket: ``rate`` frames per second with bursts of ``burst``."""
+
+    __slots__ = ("_burst", "_last", "_rate", "_tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False

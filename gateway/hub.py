@@ -26,6 +26,7 @@ class ConnectionHub:
         self._metrics = metrics
         self._node = metrics.node
         self._count = 0
+        self._by_protocol: dict[str, int] = {}
 
     def __len__(self) -> int:
         return self._count
@@ -37,7 +38,7 @@ class ConnectionHub:
     def add(self, conn: Connection) -> None:
         self._by_user.setdefault(conn.user_id, set()).add(conn)
         self._count += 1
-        self._metrics.connections.labels(self._node).set(self._count)
+        self._count_protocol(conn.protocol, 1)
         self._metrics.presence_users.labels(self._node).set(len(self._by_user))
 
     def remove(self, conn: Connection) -> None:
@@ -48,8 +49,12 @@ class ConnectionHub:
         if not conns:
             del self._by_user[conn.user_id]
         self._count -= 1
-        self._metrics.connections.labels(self._node).set(self._count)
+        self._count_protocol(conn.protocol, -1)
         self._metrics.presence_users.labels(self._node).set(len(self._by_user))
+
+    def _count_protocol(self, protocol: str, change: int) -> None:
+        count = self._by_protocol[protocol] = self._by_protocol.get(protocol, 0) + change
+        self._metrics.connections.labels(self._node, protocol).set(count)
 
     def connections(self) -> Iterator[Connection]:
         for conns in list(self._by_user.values()):

@@ -128,6 +128,17 @@ class GatewayConfig(CommonConfig):
     shutdown_timeout_s: float = _setting(10.0, "BEELINE_SHUTDOWN_TIMEOUT_SECONDS", "bound on graceful stop")
     stream_block_ms: int = _setting(1000, "BEELINE_STREAM_BLOCK_MS", "XREADGROUP BLOCK")
     stream_batch: int = _setting(512, "BEELINE_STREAM_BATCH", "XREADGROUP COUNT")
+    sockjs_path: str = _setting("/chat-websocket", "BEELINE_SOCKJS_PATH", "where SockJS (STOMP over it) is served")
+    token_cookie: str = _setting(
+        "beeline_token", "BEELINE_TOKEN_COOKIE", "cookie holding a client token (STOMP and SockJS pages)"
+    )
+    stomp_heartbeat_ms: int = _setting(
+        10_000, "BEELINE_STOMP_HEARTBEAT_MS", "STOMP heart-beat the gateway offers (sends and expects); 0: none"
+    )
+    sockjs_heartbeat_s: float = _setting(25.0, "BEELINE_SOCKJS_HEARTBEAT_SECONDS", "SockJS 'h' frame interval")
+    sockjs_disconnect_delay_s: float = _setting(
+        5.0, "BEELINE_SOCKJS_DISCONNECT_DELAY_SECONDS", "an xhr session with no open request is closed after this"
+    )
 
     @classmethod
     def default_port(cls) -> int:
@@ -156,6 +167,10 @@ class GatewayConfig(CommonConfig):
             raise ConfigError("outbound bounds too small")
         if self.stream_block_ms < 10:
             raise ConfigError("BEELINE_STREAM_BLOCK_MS must be >= 10")
+        if not self.sockjs_path.startswith("/") or self.sockjs_path.rstrip("/") in ("", "/ws"):
+            raise ConfigError("BEELINE_SOCKJS_PATH must start with '/' and be neither '/' nor '/ws'")
+        if self.stomp_heartbeat_ms < 0 or self.sockjs_heartbeat_s <= 0 or self.sockjs_disconnect_delay_s <= 0:
+            raise ConfigError("STOMP and SockJS heart-beats and delays must be positive")
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,9 @@ FILL_BUCKETS: Final = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 """Mailbox fill ratio (length / cap) after an append: the alert on a mailbox near its cap reads le="0.9"."""
 
 PATHS: Final = ("local", "routed", "mailbox")
+PROTOCOLS: Final = ("beeline", "stomp", "sockjs-websocket", "sockjs-xhr-streaming", "sockjs-xhr-polling")
+"""Client protocols of gateway connections: Beeline's own frames on /ws, STOMP on a WebSocket (/ws by
+subprotocol, or the raw <BEELINE_SOCKJS_PATH>/websocket), and STOMP over each SockJS transport."""
 """Delivery paths: the sender's own node, another node's stream (or broadcast), the mailbox (catch-up/gap)."""
 OUTCOMES: Final = {
     "gateway": ("local", "routed", "stored", "dropped", "error"),
@@ -256,13 +259,18 @@ class Metrics:
         )
         self.deliveries = CounterFamily(
             f"{ns}_gateway_deliveries_total",
-            "Message frames queued to client sockets, by path.",
-            ["node", "path"],
+            "Message frames written to client connections, by path and client protocol.",
+            ["node", "path", "protocol"],
             registry=registry,
         )
-        self.connections = Gauge(f"{ns}_gateway_connections", "Open client connections.", ["node"], registry=registry)
+        self.connections = Gauge(
+            f"{ns}_gateway_connections", "Open client connections by protocol.", ["node", "protocol"], registry=registry
+        )
         self.connects = CounterFamily(
-            f"{ns}_gateway_connects_total", "Accepted client connections.", ["node"], registry=registry
+            f"{ns}_gateway_connects_total",
+            "Accepted client connections by protocol.",
+            ["node", "protocol"],
+            registry=registry,
         )
         self.disconnects = CounterFamily(
             f"{ns}_gateway_disconnects_total",
@@ -342,7 +350,8 @@ class Metrics:
         self.info.labels(service=service, version=_version(), node=node).set(1)
         self._redis_ops: dict[str, _RedisOpMetrics] = {}
         self._http: dict[tuple[str, int], tuple[CounterChild, HistogramChild]] = {}
-        self._delivered: dict[str, tuple[HistogramChild, CounterChild]] = {}  # per path; filled for gateways
+        # Per protocol, per path: filled for gateways.
+        self._delivered: dict[str, dict[str, tuple[HistogramChild, CounterChild]]] = {}
         # The children the send path touches per message, looked up once: ``labels()`` builds a tuple
         # key of strings each time, several per send.
         self._outcomes: dict[str, CounterChild] = {}
@@ -362,11 +371,17 @@ class Metrics:
             return
         node = self.node
         self._delivered = {
-            path: (self.delivery_latency.labels(node, path), self.deliveries.labels(node, path)) for path in PATHS
+            protocol: {
+                path: (self.delivery_latency.labels(node, path), self.deliveries.labels(node, path, protocol))
+                for path in PATHS
+            }
+            for protocol in PROTOCOLS
         }
-        for gauge in (self.connections, self.presence_users, self.stream_lag, self.stream_length):
+        for gauge in (self.presence_users, self.stream_lag, self.stream_length):
             gauge.labels(node).set(0)
-        self.connects.labels(node)
+        for protocol in PROTOCOLS:
+            self.connections.labels(node, protocol).set(0)
+            self.connects.labels(node, protocol)
         for reason in DISCONNECT_REASONS:
             self.disconnects.labels(node, reason)
         self.stream_entries.labels(node)
@@ -382,11 +397,17 @@ class Metrics:
             )
         return TimedRedisOp(timer)
 
-    def delivered(self, path: str, latency_s: float) -> None:
-        """One frame written to a receiving socket (gateway), ``latency_s`` after the message was accepted."""
-        latency, count = self._delivered[path]
-        latency.observe(latency_s)
-        count.inc()
+    def delivery_recorder(self, protocol: str) -> Callable[[str, float], None]:
+        """What a connection speaking ``protocol`` calls for each message frame it writes: ``(path,
+        latency_s)``, ``latency_s`` after the message was accepted. The children are looked up once."""
+        children = self._delivered.get(protocol) or self._delivered.get("beeline", {})
+
+        def delivered(path: str, latency_s: float) -> None:
+            latency, count = children[path]
+            latency.observe(latency_s)
+            count.inc()
+
+        return delivered
 
     def observe_http(self, route: str, status: int, seconds: float) -> None:
         """One handled HTTP request (route is the route template, never the raw path)."""

@@ -41,12 +41,15 @@ class CloseCode:
     """WebSocket close codes the gateway uses (RFC 6455 range and the 4000-4999 private range)."""
 
     NORMAL: Final = 1000
+    PROTOCOL_ERROR: Final = 1002  # STOMP: a malformed or refused frame (after an ERROR frame)
+    POLICY_VIOLATION: Final = 1008  # STOMP: no valid token at CONNECT, or over the rate limit (after ERROR)
     MESSAGE_TOO_BIG: Final = 1009  # a frame over max_frame_bytes (closed by aiohttp)
     INTERNAL_ERROR: Final = 1011
     SERVICE_RESTART: Final = 1012  # the node is draining (SIGTERM): reconnect elsewhere
     TRY_AGAIN_LATER: Final = 1013  # registration failed because Redis is unavailable
     DISCONNECTED_BY_ADMIN: Final = 4000  # DELETE /v1/users/{user}/connections
     TOKEN_EXPIRED: Final = 4001  # the token's exp passed while connected
+    HEARTBEAT_MISSED: Final = 4002  # STOMP: nothing from the client within its negotiated heart-beat
     SLOW_CONSUMER: Final = 4008  # outbound buffer over its bound; missed messages wait in the mailbox
 
 

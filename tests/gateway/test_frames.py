@@ -12,7 +12,7 @@ from aiohttp import WSMsgType
 from aiohttp.http_websocket import WebSocketWriter
 from prometheus_client import CollectorRegistry
 
-from gateway.connection import Connection, ws_frame
+from gateway.connection import Connection, WebSocketOutlet, ws_frame
 from shared.envelope import Envelope, Recipient
 from shared.mailbox import SequenceState
 from shared.metrics import Metrics
@@ -74,8 +74,7 @@ async def test_a_message_the_subprotocol_cannot_carry_is_skipped_and_the_next_is
     conn = Connection(
         conn_id="c1",
         user_id="alice",
-        ws=OpenWebSocket(),  # type: ignore[arg-type]
-        transport=transport,  # type: ignore[arg-type]
+        outlet=WebSocketOutlet(OpenWebSocket(), transport, binary=False),  # type: ignore[arg-type]
         codec=JsonCodec(),
         metrics=Metrics(CollectorRegistry(), service="gateway", node="g1"),
         read_mailbox=no_mailbox,
