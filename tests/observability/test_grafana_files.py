@@ -89,7 +89,7 @@ def test_every_panel_queries_exported_metrics_through_the_datasource_variable() 
 
 def test_dashboard_covers_the_operational_questions() -> None:
     """The panels the issue asks for exist: latency p50/p95/p99 by path, messages by outcome,
-    connections per node, presence size, stream lag per node, mailbox activity, Redis latency and
+    connections per node and by protocol, presence size, stream lag per node, mailbox activity, Redis latency and
     errors, rejections by code."""
     exprs = {p["title"]: " ".join(t["expr"] for t in p["targets"]) for p in query_panels(load_dashboard())}
     every = " ".join(exprs.values())
@@ -98,6 +98,7 @@ def test_dashboard_covers_the_operational_questions() -> None:
     for needle in (
         "sum by (outcome) (rate(beeline_messages_total",
         "sum by (node) (beeline_gateway_connections",
+        "sum by (protocol) (beeline_gateway_connections",
         "beeline_gateway_presence_users",
         "beeline_gateway_stream_lag_entries",
         "beeline_mailbox_appends_total",
