@@ -31,7 +31,7 @@ from gateway.connection import Connection, Outlet, RateLimiter, WebSocketOutlet
 from gateway.heartbeat import Heartbeat
 from gateway.hub import ConnectionHub
 from gateway.sockjs import SockJSEndpoint, SockJSSession
-from gateway.stomp_session import STOMP_SUBPROTOCOLS, StompSession
+from gateway.stomp import STOMP_SUBPROTOCOLS, StompSession
 from gateway.stream_reader import STREAM_READS_IN_FLIGHT, BroadcastReader, InboundReader, NodeStreamReader
 from shared.auth import Identity, TokenVerifier, bearer
 from shared.autopipeline import AutoPipeline
