@@ -12,6 +12,10 @@ the achieved rate, as a table on stdout and, with ``--json``, as a JSON document
 issue's reference table instead (:class:`SocketIOStack`: Node socket.io with its Redis adapter, from
 ``bench/peers/socketio``), so that the comparison is made on the same machine and hour.
 
+``--protocol stomp`` has the receivers speak STOMP 1.2 over the gateway's ``/ws`` (subprotocol
+``v12.stomp``, subscribed to ``/user/topic/bench``) instead of Beeline's own protocol; the rest of the
+run (senders, accounting, measurements) is the same.
+
 ``--idle-connections C`` measures something else: C idle clients on one gateway, the gateway's RSS per
 connection and how long until all of them are registered in presence (asked through the router).
 
@@ -71,6 +75,8 @@ Mode = Literal["routed", "broadcast", "socketio"]
 MODES: Final = get_args(Mode)
 Form = Literal["single", "batch", "multi"]
 Placement = Literal["shared", "router-own-cpu"]
+Protocol = Literal["beeline", "stomp"]
+PROTOCOLS: Final = get_args(Protocol)
 PLACEMENTS: Final = get_args(Placement)
 
 READY_TIMEOUT_S: Final = 60.0
@@ -123,13 +129,15 @@ class RunSpec:
     drain_timeout_s: float
     seed: int
     placement: Placement = "shared"
+    protocol: Protocol = "beeline"
 
     @property
     def label(self) -> str:
         rate = f"{self.rate:g}/s" if self.rate else "max"
         form = self.form if self.form == "single" else f"{self.form}x{self.batch}"
         where = "" if self.placement == "shared" else " router-own-cpu"
-        return f"{self.mode} N={self.nodes} {form} {rate}{where}"
+        protocol = "" if self.protocol == "beeline" else f" {self.protocol}"
+        return f"{self.mode}{protocol} N={self.nodes} {form} {rate}{where}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=int, default=50, help="messages per batch request / receivers per multi message")
     p.add_argument("--subprotocol", choices=("json", "msgpack"), default="json", help="the receivers' subprotocol")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="beeline",
+        help="the receivers' protocol: beeline (default) or stomp (STOMP 1.2 over the gateway's /ws)",
+    )
     p.add_argument("--ack-every", type=int, default=0, help="receivers ack every N messages (0: never)")
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to wait for stragglers (10)")
     p.add_argument(
@@ -226,6 +240,8 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
     modes = tuple(cast("Mode", m) for name in ns.mode for m in (("routed", "broadcast") if name == "both" else (name,)))
     if "socketio" in modes and (ns.form != "single" or ns.subprotocol != "json" or ns.ack_every):
         parser.error("--mode socketio sends one message per request to JSON receivers that do not ack")
+    if ns.protocol != "beeline" and ("socketio" in modes or ns.subprotocol != "json" or ns.ack_every):
+        parser.error("--protocol stomp is Beeline's, with auto-ack subscriptions (no --subprotocol or --ack-every)")
     if "socketio" in modes and (ns.idle_connections or ns.redis_url):
         # Its adapter's pub/sub channels are not under a key prefix: it gets a Redis of its own.
         parser.error("--mode socketio runs on the bench's own Redis, and --idle-connections is Beeline's only")
@@ -245,6 +261,7 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
             drain_timeout_s=ns.drain_timeout,
             seed=ns.seed,
             placement=placement,
+            protocol=ns.protocol,
         )
         for placement in ns.placement
         for rate in ns.rate
@@ -746,10 +763,11 @@ class Progress:
 
 RUN_FIELDS: Final = (
     "label", "mode", "nodes", "users", "form", "batch", "messages", "offered_rate", "concurrency",
-    "payload_bytes", "subprotocol", "ack_every", "placement", "sent", "accepted", "delivered", "lost", "duplicated",
-    "misrouted", "send_errors", "latency_ms", "achieved_rate", "delivery_rate", "sender_lag_p99_ms", "window_s",
-    "redis", "cpu", "peak_rss_mb", "receivers_closed", "servers_exited", "router_log_tail", "servers_killed",
-    "stop_exit_codes", "killed_log_tail", "stop_seconds", "pids", "loadavg_before", "other_busy_processes", "ok",
+    "payload_bytes", "subprotocol", "protocol", "ack_every", "placement", "sent", "accepted", "delivered", "lost",
+    "duplicated", "misrouted", "send_errors", "latency_ms", "achieved_rate", "delivery_rate", "sender_lag_p99_ms",
+    "window_s", "redis", "cpu", "peak_rss_mb", "receivers_closed", "servers_exited", "router_log_tail",
+    "servers_killed", "stop_exit_codes", "killed_log_tail", "stop_seconds", "pids", "loadavg_before",
+    "other_busy_processes", "ok",
 )  # fmt: skip
 """Every key of a run's JSON report (the smoke test checks them)."""
 
@@ -782,6 +800,7 @@ async def start_receivers(
             "users": share,
             "subprotocol": spec.subprotocol,
             "dialect": stack.dialect,
+            "protocol": spec.protocol,
             "connect_concurrency": connect_concurrency,
             "ack_every": spec.ack_every,
             "progress_s": PROGRESS_S,
@@ -1004,6 +1023,7 @@ class BenchRun:
             "concurrency": spec.concurrency,
             "payload_bytes": spec.payload_bytes,
             "subprotocol": spec.subprotocol,
+            "protocol": spec.protocol,
             "ack_every": spec.ack_every,
             "placement": self.stack.placement.report(pids),
             "sent": sent,
@@ -1257,6 +1277,7 @@ async def run_idle(opts: BenchOptions, progress: Progress, machine: dict[str, An
 
 COLUMNS: Final = (
     ("mode", "mode", "{}"),
+    ("proto", "protocol", "{}"),
     ("N", "nodes", "{}"),
     ("form", "form", "{}"),
     ("offered", "offered_rate", "{:g}"),

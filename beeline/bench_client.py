@@ -5,7 +5,8 @@ its own CPUs' worth of event loops, apart from the servers it measures and from 
 worker reads JSON commands on stdin, one per line, and writes JSON events on stdout, one per line:
 
 receiver  config {role: "receiver", users: [[index, ws_url, token], ...], subprotocol, dialect (beeline, or
-          socketio for the peer), connect_concurrency, ack_every, progress_s}
+          socketio for the peer), protocol (beeline, or stomp: STOMP 1.2 on the gateway's /ws),
+          connect_concurrency, ack_every, progress_s}
           -> {event: "connected", count, failed, connect_ms: [...]}, then {event: "progress", received,
           warmup} every ``progress_s``; on {cmd: "report"} -> {event: "report", receipts: [[id, user, seq,
           latency_ms], ...], last_receipt, closed}
@@ -17,6 +18,10 @@ sender    config {role: "sender", url, api_key, concurrency, progress_s}
 End of stdin (or {cmd: "quit"}) closes every socket and exits. A receiver records, per message frame, the
 payload id and send time the sender embedded, the frame's ``seq`` and the receive time (``time.time()``:
 everything runs on one machine, so the clocks agree). Warm-up messages carry negative ids.
+
+With protocol ``stomp`` a receiver offers ``v12.stomp``, sends CONNECT (the token as ``passcode``) and
+SUBSCRIBE ``/user/topic/bench``, and reads each MESSAGE frame's ``beeline-seq`` header as the seq and its
+body as the payload, so the accounting is the same as for Beeline's own ``message`` frames.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2,
 REQUEST_TIMEOUT_S: Final = 15.0
 CONNECT_TIMEOUT_S: Final = 30.0
 CONNECT_ATTEMPTS: Final = 3
+STOMP_SUBPROTOCOL: Final = "v12.stomp"
 
 
 def emit(event: dict[str, Any]) -> None:
@@ -85,6 +91,28 @@ def message_json(to: str | list[str], msg_id: int, sent_at: float, size: int) ->
 # -- receivers -----------------------------------------------------------------------------------------
 
 
+def stomp_message(frame: bytes) -> dict[str, Any] | None:
+    """A STOMP MESSAGE frame (without its NUL) as a Beeline ``message`` frame's seq and payload; None for
+    any other frame. Only ``beeline-seq`` is read from the headers: a number needs no unescaping."""
+    head, sep, body = frame.partition(b"\n\n")
+    if not sep:
+        head, sep, body = frame.partition(b"\r\n\r\n")
+    lines = head.split(b"\n")
+    if lines[0].rstrip(b"\r") != b"MESSAGE":
+        return None
+    seq = None
+    for line in lines[1:]:
+        name, _, value = line.rstrip(b"\r").partition(b":")
+        if name == b"beeline-seq":
+            seq = value
+            break  # STOMP: the first occurrence of a repeated header wins
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    return {"type": "message", "seq": seq, "payload": payload} if seq is not None else None
+
+
 @dataclass
 class ReceiverState:
     receipts: list[tuple[int, int, int, float]] = field(default_factory=list)
@@ -113,6 +141,7 @@ class WsConnection(asyncio.Protocol):
         self._key = base64.b64encode(os.urandom(16)).decode()
         self._upgraded = False
         self._fragments: list[bytes] = []
+        self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.welcome: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -166,6 +195,8 @@ class WsConnection(asyncio.Protocol):
             self.closed.set_result(None)
 
     def _fail(self, error: WsError) -> None:
+        if not self.upgraded.done():
+            self.upgraded.set_exception(error)
         if not self.welcome.done():
             self.welcome.set_exception(error)
         if self._transport is not None:
@@ -184,6 +215,8 @@ class WsConnection(asyncio.Protocol):
         if headers.get("sec-websocket-accept") != accept:
             raise WsError("wrong Sec-WebSocket-Accept")
         self._upgraded = True
+        if not self.upgraded.done():
+            self.upgraded.set_result(None)
         return True
 
     def _read_frames(self) -> None:
@@ -232,6 +265,7 @@ class Receivers:
         self.subprotocol: str = config.get("subprotocol") or SUBPROTOCOL_JSON
         # beeline: Beeline's protocol; socketio: Socket.IO's (Engine.IO v4 over a WebSocket), for the peer.
         self.socketio = config.get("dialect", "beeline") == "socketio"
+        self.stomp = config.get("protocol", "beeline") == "stomp"
         self.concurrency = int(config.get("connect_concurrency", 100))
         self.ack_every = int(config.get("ack_every", 0))
         self.progress_s = float(config.get("progress_s", 0.25))
@@ -307,6 +341,8 @@ class Receivers:
         loop = asyncio.get_running_loop()
         joined: asyncio.Future[None] = loop.create_future()
         # One handler per connection: it counts that one's acks.
+        if self.stomp:
+            return await self._connect_stomp(user, host, port, path, token)
         ws = WsConnection(self._socketio_handler(user, joined) if self.socketio else self._handler(user))
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             await loop.create_connection(lambda: ws, host, port)
@@ -322,6 +358,49 @@ class Receivers:
             ws.close()
             return None
         return self._track(ws)
+
+    async def _connect_stomp(self, user: int, host: str, port: int, path: str, token: str) -> WsConnection | None:
+        """A STOMP 1.2 session subscribed to the bench's channel; None when CONNECT was not answered
+        with CONNECTED. The token goes in CONNECT's passcode, as stomp.js pages send it."""
+        subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ws = WsConnection(self._stomp_handler(user, subscribed))
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await asyncio.get_running_loop().create_connection(lambda: ws, host, port)
+            ws.handshake(host, port, path, STOMP_SUBPROTOCOL, "")
+            await ws.upgraded
+            ws.send(f"CONNECT\naccept-version:1.2\nheart-beat:0,0\npasscode:{token}\n\n\x00".encode(), OP_TEXT)
+            welcome = await ws.welcome
+            if not welcome.lstrip(b"\r\n").startswith(b"CONNECTED\n"):
+                ws.close()
+                return None
+            # Connected means subscribed (its RECEIPT came back): a message sent before that would have
+            # no subscription to go to, and the warm-up would wait for it in vain.
+
+            def refused(_closed: asyncio.Future[None]) -> None:
+                if not subscribed.done():
+                    subscribed.set_exception(WsError("closed before the subscription's receipt"))
+
+            ws.closed.add_done_callback(refused)
+            ws.send(f"SUBSCRIBE\nid:s0\ndestination:/user/topic/{CHANNEL}\nreceipt:s0\n\n\x00".encode(), OP_TEXT)
+            await subscribed
+        return self._track(ws)
+
+    def _stomp_handler(self, user: int, subscribed: asyncio.Future[None]) -> Callable[[WsConnection, bytes], None]:
+        """STOMP frames of each text message (split on NUL; bare EOLs are heart-beats): a MESSAGE's
+        ``beeline-seq`` header and JSON body are recorded like a Beeline ``message`` frame."""
+
+        def on_message(_ws: WsConnection, data: bytes) -> None:
+            now = time.time()
+            for part in data.split(b"\x00"):
+                chunk = part.lstrip(b"\r\n")
+                if chunk.startswith(b"RECEIPT") and not subscribed.done():
+                    subscribed.set_result(None)
+                elif chunk.startswith(b"ERROR") and not subscribed.done():
+                    subscribed.set_exception(WsError(f"STOMP ERROR: {chunk[:200]!r}"))
+                elif chunk:
+                    self._record(user, stomp_message(chunk), now)
+
+        return on_message
 
     def _track(self, ws: WsConnection) -> WsConnection:
         ws.closed.add_done_callback(self._count_closed)

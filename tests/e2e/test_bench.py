@@ -32,6 +32,7 @@ from beeline.bench_client import (
     WsError,
     message_json,
     request_body,
+    stomp_message,
 )
 from beeline.bench_stats import (
     INFO_COMMAND,
@@ -139,6 +140,35 @@ def test_smoke_run_delivers_every_message_once_in_both_modes(tmp_path: Path) -> 
     assert "p99" in proc.stdout  # the table
     assert "routed" in proc.stdout
     assert "broadcast" in proc.stdout
+
+
+@pytest.mark.redis
+def test_smoke_run_with_stomp_receivers_delivers_every_message_once(tmp_path: Path) -> None:
+    """The same run with receivers speaking STOMP 1.2 over the gateways' /ws: every message once."""
+    messages = 200
+    proc, report = run_bench(
+        tmp_path, "--nodes", "2", "--users", "20", "--messages", str(messages), "--protocol", "stomp", "--warmup", "10"
+    )
+    [run] = report["runs"]
+    assert set(RUN_FIELDS) <= set(run), f"missing {set(RUN_FIELDS) - set(run)}"
+    assert run["protocol"] == "stomp"
+    assert run["sent"] == messages
+    assert run["delivered"] == messages, run
+    assert (run["lost"], run["duplicated"], run["misrouted"]) == (0, 0, 0)
+    assert run["receivers_closed"] == 0
+    assert run["ok"] is True
+    left = {name: pid for name, pid in run["pids"].items() if alive(pid)}
+    assert left == {}, f"still running after beeline bench exited: {left}"
+    assert "stomp" in proc.stdout
+
+
+def test_stomp_message_frames_read_like_beeline_message_frames() -> None:
+    body = b'{"i":3,"t":1.5,"p":"x"}'
+    frame = b"MESSAGE\ndestination:/user/topic/bench\nsubscription:s0\nbeeline-seq:7\nbeeline-seq:8\n\n" + body
+    assert stomp_message(frame) == {"type": "message", "seq": b"7", "payload": {"i": 3, "t": 1.5, "p": "x"}}
+    assert stomp_message(frame.replace(b"\n", b"\r\n")) == stomp_message(frame)
+    assert stomp_message(b"RECEIPT\nreceipt-id:s0\n\n") is None
+    assert stomp_message(b"MESSAGE\nsubscription:s0\n\n" + body) is None
 
 
 @pytest.mark.redis
