@@ -321,16 +321,9 @@ class Gateway:
         return ws
 
     async def _upgrade_stomp(self, request: web.Request) -> web.StreamResponse:
-        # A token on the upgrade is checked before it (401, as on /ws); without one the CONNECT frame
-        # or the cookie must carry it.
-        try:
-            identity = self._upgrade_identity(request)
-        except AuthError as e:
-            self.metrics.reject("unauthorized")
-            return json_error(401, "unauthorized", str(e))
-        if len(self.hub) >= self.cfg.max_connections:
-            self.metrics.reject("over_capacity")
-            return json_error(503, "over_capacity", "connection limit reached on this node", retry_after=2)
+        identity, refusal = self._check_stomp_upgrade(request)
+        if refusal is not None:
+            return refusal
         ws = self.websocket(STOMP_SUBPROTOCOLS)
         await ws.prepare(request)
         session = StompSession(
@@ -350,19 +343,24 @@ class Gateway:
         token = bearer(request.headers.get("Authorization")) or request.query.get("token")
         return self.verifier.verify(token) if token else None
 
+    def _check_stomp_upgrade(self, request: web.Request) -> tuple[Identity | None, web.Response | None]:
+        """The identity of a token on a STOMP upgrade (None: no token, the CONNECT frame or the cookie
+        must carry one), or the answer refusing it as on /ws: 401 for a bad token, 503 when full."""
+        try:
+            identity = self._upgrade_identity(request)
+        except AuthError as e:
+            self.metrics.reject("unauthorized")
+            return None, json_error(401, "unauthorized", str(e))
+        if len(self.hub) >= self.cfg.max_connections:
+            self.metrics.reject("over_capacity")
+            return None, json_error(503, "over_capacity", "connection limit reached on this node", retry_after=2)
+        return identity, None
+
     def _admit_sockjs(self, request: web.Request) -> web.StreamResponse | None:
         """Before a SockJS session opens: the same refusals as an upgrade of ``/ws``."""
         if self.draining:
             return json_error(503, "draining", "this node is draining; connect to another", retry_after=1)
-        try:
-            self._upgrade_identity(request)
-        except AuthError as e:
-            self.metrics.reject("unauthorized")
-            return json_error(401, "unauthorized", str(e))
-        if len(self.hub) >= self.cfg.max_connections:
-            self.metrics.reject("over_capacity")
-            return json_error(503, "over_capacity", "connection limit reached on this node", retry_after=2)
-        return None
+        return self._check_stomp_upgrade(request)[1]
 
     async def _serve_sockjs(self, session: SockJSSession) -> None:
         request = session.request

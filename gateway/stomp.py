@@ -300,29 +300,26 @@ def _content_length(headers: tuple[tuple[str, str], ...]) -> int:
     return -1
 
 
-def _escape_11(text: str) -> str:
-    if "\\" in text:
-        text = text.replace("\\", "\\\\")
-    if "\n" in text:
-        text = text.replace("\n", "\\n")
-    if ":" in text:
-        text = text.replace(":", "\\c")
-    # 1.1 has no escape for CR, and a CR before the line's LF would read as a CRLF line end.
-    if "\r" in text:
-        text = text.replace("\r", " ")
-    return text.replace("\0", "\ufffd") if "\0" in text else text
+def _escaper(cr_as: str) -> Callable[[str], str]:
+    """Header-value escaping of 1.1 (``cr_as=" "``: 1.1 has no escape for CR, and a CR before the
+    line's LF would read as a CRLF line end) and of 1.2 (``cr_as="\\r"``)."""
+
+    def escape(text: str) -> str:
+        if "\\" in text:
+            text = text.replace("\\", "\\\\")
+        if "\n" in text:
+            text = text.replace("\n", "\\n")
+        if ":" in text:
+            text = text.replace(":", "\\c")
+        if "\r" in text:
+            text = text.replace("\r", cr_as)
+        return text.replace("\0", "\ufffd") if "\0" in text else text
+
+    return escape
 
 
-def _escape_12(text: str) -> str:
-    if "\\" in text:
-        text = text.replace("\\", "\\\\")
-    if "\n" in text:
-        text = text.replace("\n", "\\n")
-    if ":" in text:
-        text = text.replace(":", "\\c")
-    if "\r" in text:
-        text = text.replace("\r", "\\r")
-    return text.replace("\0", "\ufffd") if "\0" in text else text
+_escape_11 = _escaper(" ")
+_escape_12 = _escaper("\\r")
 
 
 def _sanitize_raw(text: str) -> str:
