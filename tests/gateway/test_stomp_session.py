@@ -131,3 +131,32 @@ async def test_auto_ack_marks_written_messages_read_and_a_filtered_channel_stays
         await eventually(lambda: len(third.messages()) == 1, timeout=10, what="seq 2 still unread")
         assert third.messages() == [("/user/topic/z", 2)]
         await third.close()
+
+
+async def test_a_sockjs_request_on_another_gateway_gets_session_not_found(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """The xhr transports send several requests per session, and a session lives on the gateway that
+    opened it: an ``xhr_send`` that a non-sticky balancer sends to another gateway gets SockJS's own
+    "session not found" (404) there and opens nothing, and the session on its own gateway is unharmed."""
+    cluster = Cluster(redis_url=redis_server.url, prefix=prefix)
+    try:
+        g1, g2 = cluster.gateway("g1"), cluster.gateway("g2")
+        base = "/chat-websocket/123/s3ss10n"
+        connect = encode_frame("CONNECT", [("accept-version", "1.1"), ("passcode", token("bob"))]).decode()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{g1.base_url}{base}/xhr") as opened:
+                assert (await opened.text()).strip() == "o"
+            async with session.post(f"{g2.base_url}{base}/xhr_send", json=[connect]) as elsewhere:
+                assert elsewhere.status == 404
+            async with session.post(f"{g1.base_url}{base}/xhr_send", json=[connect]) as sent:
+                assert sent.status == 204
+            async with session.post(f"{g1.base_url}{base}/xhr") as polled:
+                text = await polled.text()
+            assert text.startswith("a[") and "CONNECTED" in text and "user-name:bob" in text
+            async with session.get(f"{g2.base_url}/metrics") as metrics:
+                assert (
+                    'beeline_gateway_connections{node="g2",protocol="sockjs-xhr-polling"} 0.0' in await metrics.text()
+                )
+    finally:
+        cluster.stop()
