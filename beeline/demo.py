@@ -91,6 +91,8 @@ class DemoOptions:
     redis_port: int  # 0: a free port
     ready_timeout_s: float
     quiet: bool
+    stomp: bool = False  # also the original STOMP page (examples/stomp-chat) behind nginx on stomp_port
+    stomp_port: int = 8100
 
 
 _ports = csv_of(int, lambda p: 0 < p < 65536, "ports")
@@ -115,6 +117,12 @@ def parse_args(argv: Sequence[str]) -> DemoOptions:
         "--ready-timeout", type=float, default=READY_TIMEOUT_S, help="seconds each service may take to become ready"
     )
     parser.add_argument("--quiet", action="store_true", help="do not echo the services' logs")
+    parser.add_argument(
+        "--stomp",
+        action="store_true",
+        help="also run the original Spring STOMP chat page (examples/stomp-chat: its app behind nginx)",
+    )
+    parser.add_argument("--stomp-port", type=int, default=8100, help="nginx's port for --stomp (default %(default)s)")
     ns = parser.parse_args(list(argv))
     return DemoOptions(
         host=ns.host,
@@ -124,6 +132,8 @@ def parse_args(argv: Sequence[str]) -> DemoOptions:
         redis_port=ns.redis_port,
         ready_timeout_s=ns.ready_timeout,
         quiet=ns.quiet,
+        stomp=ns.stomp,
+        stomp_port=ns.stomp_port,
     )
 
 
@@ -612,7 +622,9 @@ class StopSignal:
             loop.remove_signal_handler(signum)
 
 
-def banner(opts: DemoOptions, site: ChatSite, redis_target: RedisTarget, key_prefix: str) -> str:
+def banner(
+    opts: DemoOptions, site: ChatSite, redis_target: RedisTarget, key_prefix: str, stomp_url: str | None = None
+) -> str:
     page = f"http://{browse_host(opts.host)}:{opts.web_port}/"
     lines = [
         "",
@@ -620,6 +632,8 @@ def banner(opts: DemoOptions, site: ChatSite, redis_target: RedisTarget, key_pre
         "",
         f"  Chat page   {page}   (open it in two tabs, one user on each gateway)",
     ]
+    if stomp_url is not None:
+        lines.append(f"  STOMP page  {stomp_url}   (the original Spring page, via nginx; sign in with any name)")
     for i, g in enumerate(site.gateways):
         lines.append(f"  {'Gateways' if i == 0 else '':<11} {g.name}  ws://{g.url.removeprefix('http://')}/ws")
     lines += [
@@ -634,6 +648,8 @@ def banner(opts: DemoOptions, site: ChatSite, redis_target: RedisTarget, key_pre
     ]
     if not is_loopback(opts.host):
         lines += [f"  Warning: {page}api/token gives a valid token to anyone who can reach it.", ""]
+        if stomp_url is not None:
+            lines += [f"  Warning: {stomp_url}login signs anyone in as anyone.", ""]
     lines.append("Press Ctrl-C to stop everything.")
     return "\n".join(lines)
 
@@ -681,12 +697,14 @@ async def _serve_until_stopped(
 
 
 async def _start(opts: DemoOptions, env: Mapping[str, str], processes: Processes, workdir: Path) -> web.AppRunner:
-    ports = [*opts.gateway_ports, opts.router_port, opts.web_port]
+    ports = [*opts.gateway_ports, opts.router_port, opts.web_port, *([opts.stomp_port] if opts.stomp else [])]
     if len(set(ports)) != len(ports):
-        raise DemoError(f"the gateway, router and web ports must differ: {ports}")
+        raise DemoError(f"the gateway, router, web and stomp ports must differ: {ports}")
     for port, what in [*((p, "a gateway") for p in opts.gateway_ports), (opts.router_port, "the router")]:
         check_port_free(opts.host, port, what)
     check_port_free(opts.host, opts.web_port, "the chat page")
+    if opts.stomp:
+        check_port_free(opts.host, opts.stomp_port, "nginx (--stomp)")
     redis_target = await start_redis(opts, processes, workdir, env)
     creds = credentials(env)
     services_env = child_env(env, redis_target, creds)
@@ -700,8 +718,49 @@ async def _start(opts: DemoOptions, env: Mapping[str, str], processes: Processes
     except OSError as e:
         await runner.cleanup()
         raise DemoError(f"cannot serve the chat page on {opts.host}:{opts.web_port}: {e.strerror}") from e
-    print(banner(opts, site, redis_target, services_env["BEELINE_KEY_PREFIX"]), flush=True)
+    stomp_url = None
+    if opts.stomp:
+        try:
+            stomp_url = await _start_stomp_chat(opts, processes, workdir, site=site, creds=creds, env=services_env)
+        except BaseException:
+            await runner.cleanup()
+            raise
+    print(banner(opts, site, redis_target, services_env["BEELINE_KEY_PREFIX"], stomp_url), flush=True)
     return runner
+
+
+STOMP_EXAMPLE: Final = Path(__file__).resolve().parent.parent / "examples" / "stomp-chat"
+
+
+async def _start_stomp_chat(
+    opts: DemoOptions, processes: Processes, workdir: Path, *, site: ChatSite, creds: Credentials, env: dict[str, str]
+) -> str:
+    """--stomp: examples/stomp-chat/run.py starts the example's app and nginx; returns the page's URL."""
+    script = STOMP_EXAMPLE / "run.py"
+    # The example lives in the repository, not in the package: a checkout has it, a wheel does not.
+    spec = importlib.util.spec_from_file_location("beeline_stomp_chat_run", script)
+    if not script.is_file() or spec is None or spec.loader is None:
+        raise DemoError(f"--stomp needs the repository's examples/stomp-chat ({script} not found)")
+    example = sys.modules.get(spec.name)
+    if example is None:
+        example = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = example
+        spec.loader.exec_module(example)
+    shown = browse_host(opts.host)
+    url: str = await example.start_in_demo(
+        processes,
+        workdir,
+        listen_host=opts.host,
+        url_host=shown,
+        listen_port=opts.stomp_port,
+        gateways=[(shown, g.port) for g in site.gateways],
+        router_url=site.router.url,
+        creds=creds,
+        env=env,
+        echo=not opts.quiet,
+        ready_timeout_s=opts.ready_timeout_s,
+    )
+    return url
 
 
 def main(argv: Sequence[str]) -> int:
