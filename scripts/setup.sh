@@ -75,6 +75,19 @@ lock=requirements/runtime.txt
 if [ -n "${BEELINE_LOCK:-}" ]; then lock=$BEELINE_LOCK
 elif [ "${BEELINE_SETUP_TESTS:-}" = 1 ]; then lock=requirements/test.txt
 elif ! command -v redis-server >/dev/null; then lock=requirements/demo.txt; fi
+if [ "${BEELINE_SETUP_STOMP:-}" = 1 ] && [ "${BEELINE_SETUP_TESTS:-}" != 1 ]; then
+  # `beeline demo --stomp`: nginx in front of the gateways, and the example page's npm libraries.
+  missing=()
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+  command -v npm >/dev/null || missing+=(nodejs npm)
+  if [ ${#missing[@]} -gt 0 ]; then RUNLEVEL=1 apt_install "${missing[@]}"; fi
+  dir=examples/stomp-chat
+  if [ ! -d "$dir/node_modules" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules" ]; then
+    npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error >/dev/null
+    touch "$dir/node_modules"
+  fi
+fi
+
 stamp="$VENV/.beeline-installed"
 installed=$(cat "$stamp" 2>/dev/null || true)
 # test.txt holds every other set: a venv set up for the tests also runs the demo as it is.
