@@ -14,7 +14,8 @@ issue's reference table instead (:class:`SocketIOStack`: Node socket.io with its
 
 ``--protocol stomp`` has the receivers speak STOMP 1.2 over the gateway's ``/ws`` (subprotocol
 ``v12.stomp``, subscribed to ``/user/topic/bench``) instead of Beeline's own protocol; the rest of the
-run (senders, accounting, measurements) is the same.
+run (senders, accounting, measurements) is the same. ``--protocol sockjs-xhr-streaming`` has them exchange
+the same STOMP frames in SockJS sessions over xhr-streaming at the gateways' ``BEELINE_SOCKJS_PATH``.
 
 ``--idle-connections C`` measures something else: C idle clients on one gateway, the gateway's RSS per
 connection and how long until all of them are registered in presence (asked through the router).
@@ -75,7 +76,7 @@ Mode = Literal["routed", "broadcast", "socketio"]
 MODES: Final = get_args(Mode)
 Form = Literal["single", "batch", "multi"]
 Placement = Literal["shared", "router-own-cpu"]
-Protocol = Literal["beeline", "stomp"]
+Protocol = Literal["beeline", "stomp", "sockjs-xhr-streaming"]
 PROTOCOLS: Final = get_args(Protocol)
 PLACEMENTS: Final = get_args(Placement)
 
@@ -199,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--protocol",
         choices=PROTOCOLS,
         default="beeline",
-        help="the receivers' protocol: beeline (default) or stomp (STOMP 1.2 over the gateway's /ws)",
+        help="the receivers' protocol: beeline (default), stomp (STOMP 1.2 over the gateway's /ws) or"
+        " sockjs-xhr-streaming (STOMP 1.2 in SockJS sessions over xhr-streaming at BEELINE_SOCKJS_PATH)",
     )
     p.add_argument("--ack-every", type=int, default=0, help="receivers ack every N messages (0: never)")
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to wait for stragglers (10)")
@@ -241,7 +243,9 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
     if "socketio" in modes and (ns.form != "single" or ns.subprotocol != "json" or ns.ack_every):
         parser.error("--mode socketio sends one message per request to JSON receivers that do not ack")
     if ns.protocol != "beeline" and ("socketio" in modes or ns.subprotocol != "json" or ns.ack_every):
-        parser.error("--protocol stomp is Beeline's, with auto-ack subscriptions (no --subprotocol or --ack-every)")
+        parser.error(
+            f"--protocol {ns.protocol} is Beeline's, with auto-ack subscriptions (no --subprotocol or --ack-every)"
+        )
     if "socketio" in modes and (ns.idle_connections or ns.redis_url):
         # Its adapter's pub/sub channels are not under a key prefix: it gets a Redis of its own.
         parser.error("--mode socketio runs on the bench's own Redis, and --idle-connections is Beeline's only")

@@ -5,7 +5,8 @@ its own CPUs' worth of event loops, apart from the servers it measures and from 
 worker reads JSON commands on stdin, one per line, and writes JSON events on stdout, one per line:
 
 receiver  config {role: "receiver", users: [[index, ws_url, token], ...], subprotocol, dialect (beeline, or
-          socketio for the peer), protocol (beeline, or stomp: STOMP 1.2 on the gateway's /ws),
+          socketio for the peer), protocol (beeline; stomp: STOMP 1.2 on the gateway's /ws;
+          sockjs-xhr-streaming: STOMP 1.2 in a SockJS session over xhr-streaming on the same gateway),
           connect_concurrency, ack_every, progress_s}
           -> {event: "connected", count, failed, connect_ms: [...]}, then {event: "progress", received,
           warmup} every ``progress_s``; on {cmd: "report"} -> {event: "report", receipts: [[id, user, seq,
@@ -22,6 +23,12 @@ everything runs on one machine, so the clocks agree). Warm-up messages carry neg
 With protocol ``stomp`` a receiver offers ``v12.stomp``, sends CONNECT (the token as ``passcode``) and
 SUBSCRIBE ``/user/topic/bench``, and reads each MESSAGE frame's ``beeline-seq`` header as the seq and its
 body as the payload, so the accounting is the same as for Beeline's own ``message`` frames.
+
+With protocol ``sockjs-xhr-streaming`` each receiver is a SockJS session at ``BEELINE_SOCKJS_PATH``
+(default ``/chat-websocket``) of the gateway its URL names: a streamed POST of ``xhr_streaming`` carries
+the server's frames (``o``, ``a[...]`` arrays of STOMP frames, ``h``) and is re-POSTed with the same
+session id when the gateway ends it; CONNECT and SUBSCRIBE go as POSTs of ``xhr_send``. The same STOMP
+frames as with ``stomp`` are exchanged, and the same accounting applies.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import struct
 import sys
 import time
@@ -42,6 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
+import aiohttp
 import msgpack
 
 from shared.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK
@@ -54,6 +63,8 @@ REQUEST_TIMEOUT_S: Final = 15.0
 CONNECT_TIMEOUT_S: Final = 30.0
 CONNECT_ATTEMPTS: Final = 3
 STOMP_SUBPROTOCOL: Final = "v12.stomp"
+SOCKJS_PROTOCOL: Final = "sockjs-xhr-streaming"
+SOCKJS_READ_BUFFER: Final = 1 << 20  # a streamed line holds a whole array of frames: above aiohttp's default
 
 
 def emit(event: dict[str, Any]) -> None:
@@ -266,15 +277,21 @@ class Receivers:
         # beeline: Beeline's protocol; socketio: Socket.IO's (Engine.IO v4 over a WebSocket), for the peer.
         self.socketio = config.get("dialect", "beeline") == "socketio"
         self.stomp = config.get("protocol", "beeline") == "stomp"
+        self.sockjs = config.get("protocol", "beeline") == SOCKJS_PROTOCOL
+        self.sockjs_path = os.environ.get("BEELINE_SOCKJS_PATH", "/chat-websocket").rstrip("/")
         self.concurrency = int(config.get("connect_concurrency", 100))
         self.ack_every = int(config.get("ack_every", 0))
         self.progress_s = float(config.get("progress_s", 0.25))
         self.state = ReceiverState()
         self._sockets: list[WsConnection] = []
+        # sockjs-xhr-streaming: one HTTP client for every receiver of this worker, one task per session.
+        self._http: aiohttp.ClientSession | None = None
+        self._sessions: list[asyncio.Task[None]] = []
 
     async def run(self, commands: asyncio.StreamReader) -> None:
         connect_ms, failed = await self._connect_all()
-        emit({"event": "connected", "count": len(self._sockets), "failed": failed, "connect_ms": connect_ms})
+        count = len(self._sockets) + len(self._sessions)
+        emit({"event": "connected", "count": count, "failed": failed, "connect_ms": connect_ms})
         progress = asyncio.create_task(self._progress())
         try:
             while True:
@@ -316,18 +333,24 @@ class Receivers:
                 for attempt in range(CONNECT_ATTEMPTS):
                     started = time.monotonic()
                     try:
-                        ws = await self._connect(index, url, token)
-                    except (WsError, TimeoutError, OSError):
+                        if self.sockjs:
+                            ok = await self._connect_sockjs(index, url, token)
+                            ws = None
+                        else:
+                            ws = await self._connect(index, url, token)
+                            ok = ws is not None
+                    except (WsError, TimeoutError, OSError, aiohttp.ClientError):
                         if attempt == CONNECT_ATTEMPTS - 1:
                             failures += 1
                             return
                         await asyncio.sleep(0.2 * (attempt + 1))
                         continue
-                    if ws is None:
+                    if not ok:
                         failures += 1
                         return
                     times.append(round((time.monotonic() - started) * 1000, 3))
-                    self._sockets.append(ws)
+                    if ws is not None:
+                        self._sockets.append(ws)
                     return
 
         await asyncio.gather(*(one(i, url, token) for i, url, token in self.users))
@@ -385,11 +408,103 @@ class Receivers:
             await subscribed
         return self._track(ws)
 
+    async def _connect_sockjs(self, user: int, url: str, token: str) -> bool:
+        """A SockJS xhr-streaming session, STOMP-connected and subscribed to the bench's channel; False
+        when CONNECT was not answered with CONNECTED. Its reading task stays in ``_sessions``."""
+        parts = urllib.parse.urlsplit(url)
+        base = f"http://{parts.hostname or '127.0.0.1'}:{parts.port or 80}{self.sockjs_path}"
+        base += f"/{secrets.randbelow(1000):03d}/{secrets.token_hex(8)}"
+        if self._http is None:
+            # No pool limit: every receiver holds one streamed response open for the whole run.
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
+                read_bufsize=SOCKJS_READ_BUFFER,
+            )
+        http = self._http
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        connected: asyncio.Future[bytes] = loop.create_future()
+        subscribed: asyncio.Future[None] = loop.create_future()
+        on_frames = self._stomp_frames(user, subscribed)
+
+        def on_data(data: bytes) -> None:
+            if not connected.done():
+                connected.set_result(data)  # the first frame: CONNECTED, or an ERROR
+            else:
+                on_frames(data)
+
+        reader = asyncio.create_task(self._sockjs_stream(http, base, opened, on_data, (connected, subscribed)))
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await opened
+                await self._sockjs_send(
+                    http, base, f"CONNECT\naccept-version:1.2\nheart-beat:0,0\npasscode:{token}\n\n\x00"
+                )
+                if not (await connected).lstrip(b"\r\n").startswith(b"CONNECTED\n"):
+                    raise WsError("CONNECT not answered with CONNECTED")
+                # As with stomp: connected means subscribed, so that the warm-up has somewhere to go.
+                await self._sockjs_send(
+                    http, base, f"SUBSCRIBE\nid:s0\ndestination:/user/topic/{CHANNEL}\nreceipt:s0\n\n\x00"
+                )
+                await subscribed
+        except WsError:
+            await _cancel(reader)
+            return False
+        except BaseException:
+            await _cancel(reader)
+            raise
+        self._sessions.append(reader)
+        return True
+
+    async def _sockjs_stream(
+        self,
+        http: aiohttp.ClientSession,
+        base: str,
+        opened: asyncio.Future[None],
+        on_data: Callable[[bytes], None],
+        pending: tuple[asyncio.Future[Any], ...],
+    ) -> None:
+        """Reads the session's streamed responses, one after another, until the gateway closes it."""
+        try:
+            while True:
+                async with http.post(f"{base}/xhr_streaming") as resp:
+                    if resp.status != 200:
+                        raise WsError(f"xhr_streaming answered {resp.status}")
+                    while line := await resp.content.readline():
+                        kind = line[:1]
+                        if kind == b"a":
+                            for frame in json.loads(line[1:]):
+                                on_data(frame.encode())
+                        elif kind == b"o" and not opened.done():
+                            opened.set_result(None)
+                        elif kind == b"c":
+                            raise WsError(f"session closed: {line[:200]!r}")
+        except (WsError, ValueError, OSError, aiohttp.ClientError) as exc:
+            self.state.closed += opened.done() and all(f.done() for f in pending)  # a session that was counted
+            for future in (opened, *pending):
+                if not future.done():
+                    future.set_exception(WsError(str(exc)))
+
+    async def _sockjs_send(self, http: aiohttp.ClientSession, base: str, frame: str) -> None:
+        async with http.post(f"{base}/xhr_send", data=json.dumps([frame])) as resp:
+            if resp.status != 204:
+                raise WsError(f"xhr_send answered {resp.status}")
+
     def _stomp_handler(self, user: int, subscribed: asyncio.Future[None]) -> Callable[[WsConnection, bytes], None]:
-        """STOMP frames of each text message (split on NUL; bare EOLs are heart-beats): a MESSAGE's
-        ``beeline-seq`` header and JSON body are recorded like a Beeline ``message`` frame."""
+        """:meth:`_stomp_frames` of each text message."""
+        on_frames = self._stomp_frames(user, subscribed)
 
         def on_message(_ws: WsConnection, data: bytes) -> None:
+            on_frames(data)
+
+        return on_message
+
+    def _stomp_frames(self, user: int, subscribed: asyncio.Future[None]) -> Callable[[bytes], None]:
+        """STOMP frames of one message (split on NUL; bare EOLs are heart-beats): a MESSAGE's
+        ``beeline-seq`` header and JSON body are recorded like a Beeline ``message`` frame."""
+
+        def on_message(data: bytes) -> None:
             now = time.time()
             for part in data.split(b"\x00"):
                 chunk = part.lstrip(b"\r\n")
@@ -481,10 +596,23 @@ class Receivers:
         return on_message
 
     async def _close_all(self) -> None:
+        for task in self._sessions:
+            task.cancel()
+        for task in self._sessions:
+            await _cancel(task)
+        if self._http is not None:
+            await self._http.close()
         for ws in self._sockets:
             ws.close()
         if self._sockets:
             await asyncio.wait([ws.closed for ws in self._sockets], timeout=CONNECT_TIMEOUT_S)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancels ``task`` and waits for it to finish."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 # -- senders -------------------------------------------------------------------------------------------
