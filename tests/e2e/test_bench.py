@@ -143,15 +143,17 @@ def test_smoke_run_delivers_every_message_once_in_both_modes(tmp_path: Path) -> 
 
 
 @pytest.mark.redis
-def test_smoke_run_with_stomp_receivers_delivers_every_message_once(tmp_path: Path) -> None:
-    """The same run with receivers speaking STOMP 1.2 over the gateways' /ws: every message once."""
+@pytest.mark.parametrize("protocol", ["stomp", "sockjs-xhr-streaming"])
+def test_smoke_run_with_stomp_receivers_delivers_every_message_once(tmp_path: Path, protocol: str) -> None:
+    """The same run with receivers speaking STOMP 1.2, on the gateways' /ws or inside SockJS sessions
+    over xhr-streaming: every message once."""
     messages = 200
     proc, report = run_bench(
-        tmp_path, "--nodes", "2", "--users", "20", "--messages", str(messages), "--protocol", "stomp", "--warmup", "10"
+        tmp_path, "--nodes", "2", "--users", "20", "--messages", str(messages), "--protocol", protocol, "--warmup", "10"
     )
     [run] = report["runs"]
     assert set(RUN_FIELDS) <= set(run), f"missing {set(RUN_FIELDS) - set(run)}"
-    assert run["protocol"] == "stomp"
+    assert run["protocol"] == protocol
     assert run["sent"] == messages
     assert run["delivered"] == messages, run
     assert (run["lost"], run["duplicated"], run["misrouted"]) == (0, 0, 0)
@@ -159,37 +161,7 @@ def test_smoke_run_with_stomp_receivers_delivers_every_message_once(tmp_path: Pa
     assert run["ok"] is True
     left = {name: pid for name, pid in run["pids"].items() if alive(pid)}
     assert left == {}, f"still running after beeline bench exited: {left}"
-    assert "stomp" in proc.stdout
-
-
-@pytest.mark.redis
-def test_smoke_run_with_sockjs_xhr_streaming_receivers_delivers_every_message_once(tmp_path: Path) -> None:
-    """The same run with receivers in SockJS sessions over xhr-streaming (STOMP 1.2 inside): every message once."""
-    messages = 200
-    proc, report = run_bench(
-        tmp_path,
-        "--nodes",
-        "2",
-        "--users",
-        "20",
-        "--messages",
-        str(messages),
-        "--protocol",
-        "sockjs-xhr-streaming",
-        "--warmup",
-        "10",
-    )
-    [run] = report["runs"]
-    assert set(RUN_FIELDS) <= set(run), f"missing {set(RUN_FIELDS) - set(run)}"
-    assert run["protocol"] == "sockjs-xhr-streaming"
-    assert run["sent"] == messages
-    assert run["delivered"] == messages, run
-    assert (run["lost"], run["duplicated"], run["misrouted"]) == (0, 0, 0)
-    assert run["receivers_closed"] == 0
-    assert run["ok"] is True
-    left = {name: pid for name, pid in run["pids"].items() if alive(pid)}
-    assert left == {}, f"still running after beeline bench exited: {left}"
-    assert "sockjs-xhr-streaming" in proc.stdout
+    assert protocol in proc.stdout
 
 
 def test_stomp_message_frames_read_like_beeline_message_frames() -> None:
