@@ -54,6 +54,7 @@ import contextlib
 import json
 import re
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -512,7 +513,7 @@ class StompSession:
         cfg = gateway.cfg
         self._parser = StompParser(max_frame_bytes=cfg.max_frame_bytes)
         self._limiter = gateway.rate_limiter()
-        self._ready: list[StompFrame] = []
+        self._ready: deque[StompFrame] = deque()
         self.version = "1.2"
         self.subscriptions: dict[str, Subscription] = {}
         self.by_channel: dict[str, Subscription] = {}
@@ -643,7 +644,7 @@ class StompSession:
                 return None
             self._last_inbound = time.monotonic()
             self._ready.extend(self._parser.feed(data))
-        return self._ready.pop(0)
+        return self._ready.popleft()
 
     async def _serve_frames(self, conn: Connection) -> None:
         while conn.close_code is None:
